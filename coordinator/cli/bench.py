@@ -1,0 +1,7 @@
+"""`fedmq bench` commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="bench", no_args_is_help=True)

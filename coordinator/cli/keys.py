@@ -1,0 +1,7 @@
+"""`fedmq keys` commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="keys", no_args_is_help=True)
