@@ -124,3 +124,67 @@ class NotFoundError(FedmqError):
 
 class BrokerError(FedmqError):
     """RabbitMQ is unreachable, refused an operation, or closed the channel."""
+
+
+class UnexpectedEnvelopeError(SignatureError):
+    """A genuine envelope, but not the one asked for: another kind or another model id."""
+
+
+class BrokerUnreachableError(BrokerError):
+    """No connection to RabbitMQ could be opened, or an open one was lost."""
+
+
+class BrokerAccessRefusedError(BrokerError):
+    """RabbitMQ refused the credentials, the vhost, or an operation the user may not do."""
+
+
+class BrokerChannelClosedError(BrokerError):
+    """RabbitMQ closed the channel or connection on purpose (precondition failed, not found, ...).
+
+    ``reply_code`` and ``reply_text`` are the broker's own words (e.g. 406, ``PRECONDITION_FAILED``).
+    """
+
+    def __init__(self, message: str, reply_code: int = 0, reply_text: str = "") -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class UnroutableMessageError(BrokerError):
+    """A ``mandatory`` publish matched no queue: the broker returned it instead of dropping it."""
+
+
+class MessageNackedError(BrokerError):
+    """The broker refused to take responsibility for a published message (a negative confirm)."""
+
+
+class DevBrokerError(BrokerError):
+    """The private development RabbitMQ node cannot be started, reached or stopped."""
+
+
+class TransferError(DecodeError):
+    """A chunked transfer is inconsistent: wrong size, wrong sha256, conflicting metadata."""
+
+
+class PoisonMessageError(FedmqError):
+    """Raised by a message handler for a message that can never succeed: dead-letter it, no retry."""
+
+
+class DatabaseUnavailableError(StorageError):
+    """The database server cannot be reached or refused the connection."""
+
+
+class DatabaseLockedError(StorageError):
+    """Another process holds the database's write lock longer than the busy timeout."""
+
+
+class SchemaOutOfDateError(StorageError):
+    """The database schema is not at the revision this code expects (run ``fedmq db upgrade``)."""
+
+
+class ImmutableRecordError(StorageError):
+    """An attempt to change a record that is written once (a model version, its weights)."""
+
+
+class AlreadyExistsError(FedmqError):
+    """A model (or other named record) with that name already exists."""
