@@ -188,3 +188,7 @@ class ImmutableRecordError(StorageError):
 
 class AlreadyExistsError(FedmqError):
     """A model (or other named record) with that name already exists."""
+
+
+class UnexpectedEnvelopeError(SignatureError):
+    """A genuine envelope, but not the one asked for: another kind or another model id."""
