@@ -190,9 +190,5 @@ class AlreadyExistsError(FedmqError):
     """A model (or other named record) with that name already exists."""
 
 
-class UnexpectedEnvelopeError(SignatureError):
-    """A genuine envelope, but not the one asked for: another kind or another model id."""
-
-
 class EncodeError(FedmqError, ValueError):
     """Weights that cannot be encoded: not an array, a dtype outside the allow-list, over the limits."""
