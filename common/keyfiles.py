@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Final
 
@@ -102,15 +103,11 @@ def load_private_key(path: Path, *, passphrase: bytes | None = None) -> Ed25519P
     An encrypted key needs ``passphrase`` or ``FEDMQ_KEY_PASSPHRASE``. Every failure is a
     KeyFileError naming the path.
     """
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError as exc:
-        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
+    pem, mode = _read(path, "private key")
     if os.name == "posix" and mode & 0o077:
         raise KeyFileError(
-            f"private key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`"
+            f"private key {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`"
         )
-    pem = _read(path, "private key")
     secret = passphrase if passphrase is not None else _env_passphrase()
     encrypted = pem.lstrip().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     if encrypted and not secret:
@@ -127,7 +124,7 @@ def load_private_key(path: Path, *, passphrase: bytes | None = None) -> Ed25519P
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read an Ed25519 public key (SubjectPublicKeyInfo PEM); KeyFileError naming the path otherwise."""
-    pem = _read(path, "public key")
+    pem, _mode = _read(path, "public key")
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -142,9 +139,11 @@ def _env_passphrase() -> bytes | None:
     return value.encode() if value else None
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str) -> tuple[bytes, int]:
+    """The file's bytes and its permission bits, taken from the same open file."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as file:
+            return file.read(), stat.S_IMODE(os.fstat(file.fileno()).st_mode)
     except OSError as exc:
         raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
 
@@ -153,7 +152,7 @@ def _write_atomically(path: Path, content: bytes, *, force: bool, mode: int = 0o
     """Write a temp file (created 0600, then chmod ``mode``) beside ``path`` and move it into place.
 
     Without ``force`` the move is a hard link, which fails rather than replace a file that appeared
-    meanwhile.
+    meanwhile (on a file system without hard links: a check, then a rename).
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
@@ -166,7 +165,8 @@ def _write_atomically(path: Path, content: bytes, *, force: bool, mode: int = 0o
         if force:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
+            _link_or_rename(tmp, path)
+        _fsync_directory(path.parent)
     except FileExistsError:
         raise KeyFileError(f"{path} already exists; pass --force to replace it") from None
     except OSError as exc:
@@ -174,3 +174,29 @@ def _write_atomically(path: Path, content: bytes, *, force: bool, mode: int = 0o
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _link_or_rename(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``, raising FileExistsError rather than replace a file."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

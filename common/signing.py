@@ -170,6 +170,10 @@ def open_envelope(
     and model id (when expected ones are given), expiry (at ``now``, default the current time),
     version >= ``min_version``. The first failing check raises its :class:`SignatureError` subclass
     (see the module docstring); nothing is deserialized beyond the envelope's own small msgpack map.
+
+    The signature is verified before the header is decoded; when it fails, the header's claimed
+    key id only decides the message: another key's id gives UnknownKeyError, anything else (a
+    changed header, a forged key id, an unreadable header) BadSignatureError.
     """
     view = memoryview(data).cast("B")
     header_bytes, signature, payload = _split(view)
@@ -191,6 +195,7 @@ def open_envelope(
         raise UnknownKeyError(f"the envelope names key {header.key_id}, not the trusted key {trusted_id}")
     _check_payload(header, payload)
     _check_expectations(header, now, min_version, expected_kind, expected_model_id)
+    logger.debug("opened %s %s v%d signed by %s", header.kind, header.model_id, header.version, trusted_id)
     return header, payload
 
 
@@ -317,10 +322,7 @@ def _decode_header(header_bytes: bytes) -> EnvelopeHeader:
     fields = _unpack_map(header_bytes, "header")
     if set(fields) != _HEADER_FIELDS:
         raise EnvelopeFormatError(f"malformed header: fields {sorted(fields)!r}")
-    try:
-        header = EnvelopeHeader(**fields)
-    except TypeError as exc:
-        raise EnvelopeFormatError(f"malformed header: {exc}") from None
+    header = EnvelopeHeader(**fields)
     expected_types: dict[str, tuple[type, ...]] = {
         "kind": (str,),
         "model_id": (str,),
@@ -369,5 +371,5 @@ def _check_expectations(
         )
     if min_version is not None and header.version < min_version:
         raise StaleVersionError(
-            f"{header.model_id} v{header.version} is older than v{min_version}, already accepted"
+            f"{header.model_id} v{header.version} is older than v{min_version}, the oldest still accepted"
         )

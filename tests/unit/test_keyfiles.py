@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -198,3 +199,23 @@ def test_unencrypted_key_loads_even_when_a_passphrase_is_set(
     files = write_key_pair(tmp_path)
     monkeypatch.setenv(PASSPHRASE_ENV, "unused")
     assert key_id(load_private_key(files.private_path).public_key()) == files.key_id
+
+
+def test_key_files_are_written_on_file_systems_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    def no_links(*_args: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+
+    # Execute
+    files = write_key_pair(tmp_path)
+
+    # Assert
+    assert _mode(files.private_path) == 0o600
+    assert key_id(load_private_key(files.private_path).public_key()) == files.key_id
+    with pytest.raises(KeyFileError, match="already exists"):
+        write_private_key(files.private_path, generate_key())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coordinator.key", "coordinator.pub"]

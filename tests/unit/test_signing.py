@@ -257,6 +257,31 @@ def test_header_with_unknown_fields_is_refused_even_when_signed() -> None:
         open_envelope(envelope, KEY.public_key())
 
 
+def test_header_signed_by_the_trusted_key_but_naming_another_key_is_refused() -> None:
+    envelope = _resign(_seal(), KEY, key_id="0123456789abcdef")
+    with pytest.raises(UnknownKeyError, match="0123456789abcdef"):
+        open_envelope(envelope, KEY.public_key())
+
+
+def test_signed_header_not_in_canonical_form_is_refused() -> None:
+    # Prepare: the same fields, keys in reverse order, properly signed
+    meta, payload = _split(_seal())
+    header = msgpack.unpackb(meta["header"])
+    meta["header"] = msgpack.packb(dict(reversed(sorted(header.items()))), use_bin_type=True)
+    meta["sig"] = KEY.sign(meta["header"])
+
+    # Execute / Assert
+    with pytest.raises(EnvelopeFormatError, match="canonical"):
+        open_envelope(_frame(meta, payload), KEY.public_key())
+
+
+def test_signature_of_the_wrong_length_is_a_bad_signature() -> None:
+    meta, payload = _split(_seal())
+    meta["sig"] = meta["sig"][:63]
+    with pytest.raises(BadSignatureError, match="63 bytes"):
+        open_envelope(_frame(meta, payload), KEY.public_key())
+
+
 def test_envelope_with_msgpack_ext_type_is_refused() -> None:
     meta, payload = _split(_seal())
     packed = msgpack.packb(meta | {"v": msgpack.ExtType(5, b"x")}, use_bin_type=True)
