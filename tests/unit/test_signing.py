@@ -10,6 +10,7 @@ from typing import Any
 
 import dill
 import msgpack
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
@@ -130,6 +131,23 @@ def test_load_signed_model_calls_loader_exactly_once(unpickle_spies: dict[str, l
 
     # Assert
     assert model["model_id"] == "unet"
+    assert len(unpickle_spies["dill.loads"]) == 1
+
+
+def test_load_signed_model_defaults_to_a_working_dynamic_model(unpickle_spies: dict[str, list[Any]]) -> None:
+    # Prepare
+    from common.model.numpy_model import make_linear_model
+
+    model = make_linear_model(4, 3, model_id="linear")
+    envelope = _seal(model.dumps(), model_id="linear")
+    data = np.ones((2, 4), dtype="float32")
+
+    # Execute
+    loaded = load_signed_model(envelope, KEY.public_key(), expected_model_id="linear")
+
+    # Assert
+    assert loaded.model_id == "linear"
+    np.testing.assert_allclose(loaded(data), model(data))
     assert len(unpickle_spies["dill.loads"]) == 1
 
 
