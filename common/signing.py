@@ -268,7 +268,7 @@ def _split(view: memoryview) -> tuple[bytes, bytes, memoryview]:
     if meta_size > _MAX_META_SIZE or end > len(view):
         raise EnvelopeFormatError(f"not an envelope: its header length {meta_size} is out of bounds")
     meta = _unpack_map(view[_PREFIX.size : end], "envelope")
-    if meta.get("v") != ENVELOPE_VERSION or meta.get("type") != "envelope":
+    if type(meta.get("v")) is not int or meta["v"] != ENVELOPE_VERSION or meta.get("type") != "envelope":
         raise EnvelopeFormatError(f"unsupported envelope: v={meta.get('v')!r} type={meta.get('type')!r}")
     if not set(meta) <= _META_FIELDS or not isinstance(meta.get("header"), bytes):
         raise EnvelopeFormatError(f"malformed envelope: fields {sorted(meta)!r}")
