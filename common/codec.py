@@ -155,7 +155,7 @@ def _canonical_array(weight: object, where: str, limits: CodecLimits) -> np.ndar
     """``weight`` as a C-contiguous little-endian array of an allowed dtype (copied only if needed)."""
     if not isinstance(weight, np.ndarray | np.generic):
         raise EncodeError(f"{where}: expected a numpy array, got {type(weight).__name__}")
-    dtype = weight.dtype.newbyteorder("<") if weight.dtype.byteorder == ">" else weight.dtype
+    dtype = weight.dtype.newbyteorder("<")  # native or big-endian -> little-endian; "|" unchanged
     if dtype.str not in ALLOWED_DTYPES:
         raise EncodeError(f"{where}: dtype {weight.dtype} cannot be encoded (allowed: {_allowed_names()})")
     if weight.ndim > limits.max_ndim:
