@@ -1,0 +1,282 @@
+"""Large bodies as numbered chunks, and their reassembly on disk with bounded memory.
+
+Framing (AMQP headers on every chunk; the chunk's body is the raw slice):
+``x-fedmq-transfer`` (transfer id), ``x-fedmq-chunk`` (index from 0), ``x-fedmq-chunks`` (count),
+``x-fedmq-size`` (total bytes), ``x-fedmq-chunk-size`` (bytes per chunk but the last) and
+``x-fedmq-sha256`` (hex digest of the whole body). Every chunk carries all of them, so chunks may
+arrive in any order and any one of them can start a transfer.
+
+:class:`Reassembler` writes each chunk at its offset in ``<dir>/<id>.part`` and records the indices
+received in ``<id>.json`` (written after the data, fsynced, replaced atomically). Memory stays at one
+chunk whatever the body size. A chunk is safe to ack once :meth:`Reassembler.add` returned, so a
+process killed mid-transfer resumes from the same directory with the chunks RabbitMQ redelivers; a
+transfer whose state cannot be read is discarded with a warning. When the last chunk arrives the
+sha256 is checked and a :class:`CompletedTransfer` returned; after the message is handled,
+:meth:`Reassembler.finish` deletes the files and remembers the id so late duplicates are ignored.
+Transfers that stop receiving chunks (a lost chunk) are dropped by :meth:`Reassembler.expire`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import TransferError
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_HEADER = "x-fedmq-transfer"
+INDEX_HEADER = "x-fedmq-chunk"
+COUNT_HEADER = "x-fedmq-chunks"
+SIZE_HEADER = "x-fedmq-size"
+CHUNK_SIZE_HEADER = "x-fedmq-chunk-size"
+SHA256_HEADER = "x-fedmq-sha256"
+CHUNK_HEADERS = (TRANSFER_HEADER, INDEX_HEADER, COUNT_HEADER, SIZE_HEADER, CHUNK_SIZE_HEADER, SHA256_HEADER)
+
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_READ_BLOCK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """The framing of one chunk; validated on construction."""
+
+    transfer_id: str
+    index: int
+    count: int
+    total_size: int
+    chunk_size: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.match(self.transfer_id):
+            raise TransferError("chunk transfer id must be 32 lowercase hex digits")
+        if not _SHA_RE.match(self.sha256):
+            raise TransferError("chunk sha256 must be 64 lowercase hex digits")
+        if self.chunk_size <= 0 or self.total_size <= 0 or self.count <= 0:
+            raise TransferError("chunk sizes and count must be positive")
+        if self.count != -(-self.total_size // self.chunk_size):
+            raise TransferError(
+                f"chunk count {self.count} does not match size {self.total_size} / {self.chunk_size}"
+            )
+        if not 0 <= self.index < self.count:
+            raise TransferError(f"chunk index {self.index} outside 0..{self.count - 1}")
+
+    @property
+    def offset(self) -> int:
+        return self.index * self.chunk_size
+
+    @property
+    def expected_length(self) -> int:
+        return min(self.chunk_size, self.total_size - self.offset)
+
+    def same_transfer(self, other: ChunkHeader) -> bool:
+        return (self.count, self.total_size, self.chunk_size, self.sha256) == (
+            other.count,
+            other.total_size,
+            other.chunk_size,
+            other.sha256,
+        )
+
+    def to_headers(self) -> dict[str, Any]:
+        return {
+            TRANSFER_HEADER: self.transfer_id,
+            INDEX_HEADER: self.index,
+            COUNT_HEADER: self.count,
+            SIZE_HEADER: self.total_size,
+            CHUNK_SIZE_HEADER: self.chunk_size,
+            SHA256_HEADER: self.sha256,
+        }
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, Any] | None) -> ChunkHeader | None:
+        """The chunk framing in ``headers``; ``None`` for an ordinary message; TransferError if broken."""
+        if not headers or TRANSFER_HEADER not in headers:
+            return None
+        try:
+            raw = {name: headers[name] for name in CHUNK_HEADERS}
+            text = {k: v.decode() if isinstance(v, bytes) else v for k, v in raw.items()}
+            return cls(
+                transfer_id=str(text[TRANSFER_HEADER]),
+                index=int(text[INDEX_HEADER]),
+                count=int(text[COUNT_HEADER]),
+                total_size=int(text[SIZE_HEADER]),
+                chunk_size=int(text[CHUNK_SIZE_HEADER]),
+                sha256=str(text[SHA256_HEADER]),
+            )
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise TransferError(f"malformed chunk headers: {exc!r}") from exc
+
+
+def strip_chunk_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``headers`` without the chunk framing (what the sender's own headers were)."""
+    return {k: v for k, v in (headers or {}).items() if k not in CHUNK_HEADERS}
+
+
+def split_body(body: bytes, chunk_size: int) -> Iterator[tuple[ChunkHeader, memoryview]]:
+    """Cut ``body`` into chunks of ``chunk_size`` bytes (views, no copies) with their framing."""
+    if not body:
+        raise TransferError("an empty body is never chunked")
+    view = memoryview(body)
+    digest = hashlib.sha256(view).hexdigest()
+    transfer_id = uuid.uuid4().hex
+    count = -(-len(body) // chunk_size)
+    for index in range(count):
+        header = ChunkHeader(transfer_id, index, count, len(body), chunk_size, digest)
+        yield header, view[header.offset : header.offset + header.expected_length]
+
+
+@dataclass(frozen=True)
+class CompletedTransfer:
+    """A reassembled, sha256-verified body in a file (valid until :meth:`Reassembler.finish`)."""
+
+    transfer_id: str
+    path: Path
+    size: int
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Reassembler:
+    """Reassembles chunked transfers in ``directory`` (created; reused across restarts).
+
+    Not thread-safe: one consumer thread owns one reassembler. ``max_transfer_size`` bounds the disk
+    one sender can make us use; ``stale_after_s`` is how long an incomplete transfer (or the memory of
+    a finished one) is kept without news.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        max_transfer_size: int = 4096 * 1024 * 1024,
+        stale_after_s: float = 3600.0,
+        fsync: bool = True,
+    ) -> None:
+        self.directory = directory
+        self.max_transfer_size = max_transfer_size
+        self.stale_after_s = stale_after_s
+        self.fsync = fsync
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, transfer_id: str) -> tuple[Path, Path, Path]:
+        base = self.directory / transfer_id
+        return base.with_suffix(".part"), base.with_suffix(".json"), base.with_suffix(".done")
+
+    def _load_state(self, header: ChunkHeader) -> set[int] | None:
+        part, meta, _ = self._paths(header.transfer_id)
+        if not meta.exists():
+            return None
+        try:
+            state = json.loads(meta.read_text())
+            known = ChunkHeader(**{**state["header"], "index": 0})
+            received = {int(i) for i in state["received"]}
+            if not part.exists() or part.stat().st_size != known.total_size:
+                raise ValueError("data file missing or of the wrong size")
+        except (OSError, ValueError, KeyError, TypeError, TransferError) as exc:
+            logger.warning("discarding unreadable transfer %s: %s", header.transfer_id, exc)
+            self.discard(header.transfer_id)
+            return None
+        if not known.same_transfer(header):
+            raise TransferError(f"chunk of transfer {header.transfer_id} disagrees with earlier chunks")
+        return received
+
+    def add(self, header: ChunkHeader, data: bytes | memoryview) -> CompletedTransfer | None:
+        """Store one chunk; return the verified transfer once every chunk is in, else ``None``.
+
+        Duplicates are harmless (a duplicate of a finished transfer is ignored). Raises
+        :class:`TransferError` for a chunk of the wrong length, conflicting framing, a body over
+        ``max_transfer_size``, or — on completion — a sha256 mismatch (the transfer is discarded).
+        """
+        part, meta, done = self._paths(header.transfer_id)
+        if done.exists():
+            logger.debug("ignoring chunk %d of finished transfer %s", header.index, header.transfer_id)
+            return None
+        if header.total_size > self.max_transfer_size:
+            raise TransferError(f"transfer of {header.total_size} bytes exceeds {self.max_transfer_size}")
+        if len(data) != header.expected_length:
+            raise TransferError(
+                f"chunk {header.index} has {len(data)} bytes, expected {header.expected_length}"
+            )
+        received = self._load_state(header)
+        if received is None:
+            received = set()
+            with open(part, "wb") as handle:
+                handle.truncate(header.total_size)
+        if header.index not in received:
+            fd = os.open(part, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, header.offset)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            received.add(header.index)
+            state = {
+                "header": {k: v for k, v in vars(header).items() if k != "index"},
+                "received": sorted(received),
+            }
+            _fsync_write(meta, json.dumps(state))
+        if len(received) < header.count:
+            return None
+        self._verify(header, part)
+        return CompletedTransfer(header.transfer_id, part, header.total_size)
+
+    def _verify(self, header: ChunkHeader, part: Path) -> None:
+        digest = hashlib.sha256()
+        with open(part, "rb") as handle:
+            while block := handle.read(_READ_BLOCK):
+                digest.update(block)
+        if digest.hexdigest() != header.sha256:
+            self.discard(header.transfer_id)
+            raise TransferError(f"transfer {header.transfer_id}: sha256 of the reassembled body differs")
+
+    def finish(self, transfer_id: str) -> None:
+        """The transfer was handled: delete its data, remember it to ignore late duplicates."""
+        part, meta, done = self._paths(transfer_id)
+        done.touch()
+        part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+
+    def discard(self, transfer_id: str) -> None:
+        """Forget an incomplete or rejected transfer (its chunks will not be accepted again)."""
+        self.finish(transfer_id)
+
+    def in_progress(self) -> list[str]:
+        """Ids of transfers with chunks stored and not finished."""
+        return sorted(p.stem for p in self.directory.glob("*.json"))
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop incomplete transfers and finished-ids not touched for ``stale_after_s``; return them."""
+        now = time.time() if now is None else now
+        dropped: list[str] = []
+        for path in list(self.directory.glob("*.json")) + list(self.directory.glob("*.done")):
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age <= self.stale_after_s:
+                continue
+            if path.suffix == ".json":
+                logger.warning("transfer %s incomplete for %.0f s: discarding it", path.stem, age)
+                self.discard(path.stem)
+                dropped.append(path.stem)
+            else:
+                path.unlink(missing_ok=True)
+        return sorted(dropped)

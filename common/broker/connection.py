@@ -1,0 +1,108 @@
+"""Opening connections to RabbitMQ: URL and TLS options, heartbeat, capped-backoff reconnect.
+
+pika's :class:`~pika.BlockingConnection` is not thread-safe: every thread that talks to RabbitMQ
+opens its own connection through :func:`connect` (the consumer and the publisher each own one).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
+
+import pika
+
+from common.broker.config import BrokerConfig
+from common.broker.errors import translating_pika_errors
+from common.errors import BrokerUnreachableError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _ssl_options(config: BrokerConfig, host: str) -> pika.SSLOptions:
+    context = ssl.create_default_context(cafile=config.tls_ca_file)
+    if config.tls_cert_file:
+        try:
+            context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the AMQP client certificate: {exc}") from exc
+    return pika.SSLOptions(context, server_hostname=config.tls_server_hostname or host)
+
+
+def connection_parameters(config: BrokerConfig, name: str) -> pika.URLParameters:
+    """pika parameters for ``config.amqp_url`` with our heartbeat, TLS and a connection name."""
+    parts = urlsplit(config.amqp_url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigError("amqp_url must start with amqp:// or amqps://")
+    try:
+        params = pika.URLParameters(config.amqp_url)
+    except ValueError as exc:
+        raise ConfigError(f"invalid amqp_url: {exc}") from exc
+    params.heartbeat = config.heartbeat_s
+    params.blocked_connection_timeout = config.blocked_connection_timeout_s
+    params.client_properties = {"connection_name": name, "product": "fedmq"}
+    if parts.scheme == "amqps":
+        params.ssl_options = _ssl_options(config, parts.hostname or "localhost")
+    return params
+
+
+def url_username(config: BrokerConfig) -> str:
+    """The user the URL authenticates as (what the broker validates ``user_id`` against)."""
+    return unquote(urlsplit(config.amqp_url).username or "guest")
+
+
+def connect(config: BrokerConfig, name: str) -> pika.BlockingConnection:
+    """Open one connection; :class:`BrokerUnreachableError` or :class:`BrokerAccessRefusedError`."""
+    params = connection_parameters(config, name)
+    with translating_pika_errors():
+        return pika.BlockingConnection(params)
+
+
+def backoff_delays(initial_s: float, max_s: float) -> Iterator[float]:
+    """Doubling delays from ``initial_s`` capped at ``max_s``, each with up to 10 % jitter, forever."""
+    delay = initial_s
+    while True:
+        yield min(delay, max_s) * (1.0 + random.uniform(0.0, 0.1))
+        delay = min(delay * 2, max_s)
+
+
+def connect_with_retry(
+    config: BrokerConfig,
+    name: str,
+    stop: threading.Event | None = None,
+    deadline_s: float | None = None,
+) -> pika.BlockingConnection | None:
+    """Connect, retrying an unreachable broker with capped backoff.
+
+    Gives up by raising the last :class:`BrokerUnreachableError` once ``deadline_s`` has passed;
+    returns ``None`` when ``stop`` is set while waiting. Refused credentials are never retried.
+    """
+    started = time.monotonic()
+    for delay in backoff_delays(config.reconnect_initial_s, config.reconnect_max_s):
+        try:
+            return connect(config, name)
+        except BrokerUnreachableError as exc:
+            if deadline_s is not None and time.monotonic() - started + delay > deadline_s:
+                raise
+            logger.warning("%s: RabbitMQ unreachable (%s); retrying in %.1f s", name, exc, delay)
+        if stop is not None:
+            if stop.wait(delay):
+                return None
+        else:
+            time.sleep(delay)
+    return None  # pragma: no cover - the delay generator never ends
+
+
+def close_quietly(connection: pika.BlockingConnection | None) -> None:
+    """Close a connection that may already be broken, ignoring every error."""
+    if connection is None:
+        return
+    try:
+        if connection.is_open:
+            connection.close()
+    except Exception as exc:  # closing a broken connection: nothing useful to report upward
+        logger.debug("ignoring error while closing a connection: %r", exc)
