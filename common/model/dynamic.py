@@ -14,7 +14,7 @@ from io import BytesIO
 from typing import IO, Any
 
 from common.errors import ModelError
-from common.model.interfaces import DeepLearningClass
+from common.model.interfaces import DeepLearningClass, as_python_number
 from common.model.source import compile_function, fn_to_source
 
 #: The model's function slots, in dafne-dl's order; each is stored as source text in a blob.
@@ -131,6 +131,18 @@ class DynamicDLModel(DeepLearningClass):
 
     def apply(self, data: Any) -> Any:
         return self.apply_model_function(self, data)
+
+    def __sub__(self, rhs: DeepLearningClass) -> DynamicDLModel:
+        return self.calc_delta(rhs)
+
+    def __add__(self, rhs: DeepLearningClass) -> DynamicDLModel:
+        return self.apply_delta(rhs)
+
+    def __mul__(self, factor: Any) -> DynamicDLModel:
+        return self.factor_multiply(as_python_number(factor))
+
+    def __rmul__(self, factor: Any) -> DynamicDLModel:
+        return self.factor_multiply(as_python_number(factor))
 
     def factor_multiply(self, factor: float) -> DynamicDLModel:
         return self.factor_multiply_function(self, factor)

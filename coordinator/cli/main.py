@@ -8,12 +8,13 @@ a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
 
 from common.errors import FedmqError
-from coordinator.cli import bench, keys
+from coordinator.cli import bench, demo, keys
 
 app = typer.Typer(
     name="fedmq",
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(bench.app, name="bench")
+app.add_typer(demo.app, name="demo")
 
 
 @app.callback()
@@ -38,6 +40,7 @@ def _root(
 
 def main() -> None:
     """Console-script entry point: run the app, turning fedmq errors into one-line messages."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     try:
         app()
     except FedmqError as exc:
