@@ -192,3 +192,7 @@ class AlreadyExistsError(FedmqError):
 
 class EncodeError(FedmqError, ValueError):
     """Weights that cannot be encoded: not an array, a dtype outside the allow-list, over the limits."""
+
+
+class RequestError(FedmqError):
+    """A request fedmq refuses as asked: a bad name, a missing confirmation, a no-op rollback."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
@@ -26,19 +27,46 @@ logger = logging.getLogger(__name__)
 CHUNK_SIZE = 8 * 1024 * 1024
 
 
-def write_blob(session: Session, data: bytes | bytearray | memoryview, *, sha256: str | None = None) -> Blob:
-    """Store ``data`` as a new blob in the session's transaction; ``sha256`` skips re-hashing."""
-    view = memoryview(data).cast("B")
-    digest = sha256 or hashlib.sha256(view).hexdigest()
-    blob = Blob(sha256=digest, size=len(view), chunk_size=CHUNK_SIZE)
+Buffer = bytes | bytearray | memoryview
+
+
+def write_blob(session: Session, data: Buffer | Sequence[Buffer]) -> Blob:
+    """Store ``data`` (one buffer, or parts to concatenate) as a new blob in the session's transaction.
+
+    Parts are hashed first, then cut into chunks through one chunk-sized staging buffer, so writing
+    never holds a second copy of the whole (pass :attr:`common.codec.WeightFrame.parts` to avoid
+    even the first). Returns the flushed :class:`Blob` row.
+    """
+    parts = (
+        [memoryview(data).cast("B")]
+        if isinstance(data, bytes | bytearray | memoryview)
+        else [memoryview(part).cast("B") for part in data]
+    )
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    blob = Blob(sha256=digest.hexdigest(), size=sum(len(p) for p in parts), chunk_size=CHUNK_SIZE)
     session.add(blob)
     session.flush()
+    conn = session.connection()
+    insert_chunk = insert(BlobChunk.__table__)  # type: ignore[arg-type]
+    staging = bytearray(min(CHUNK_SIZE, blob.size))
+    filled = seq = 0
     # One INSERT per chunk: a batched executemany would make the driver copy every chunk at once.
-    for seq, start in enumerate(range(0, len(view), CHUNK_SIZE)):
-        session.execute(
-            insert(BlobChunk), {"blob_id": blob.id, "seq": seq, "data": view[start : start + CHUNK_SIZE]}
-        )
-    logger.debug("stored blob %d: %d bytes in %d chunks", blob.id, blob.size, _chunk_count(blob))
+    for part in parts:
+        position = 0
+        while position < len(part):
+            take = min(len(part) - position, CHUNK_SIZE - filled)
+            staging[filled : filled + take] = part[position : position + take]
+            filled += take
+            position += take
+            if filled == CHUNK_SIZE:
+                conn.execute(insert_chunk, {"blob_id": blob.id, "seq": seq, "data": bytes(staging)})
+                filled, seq = 0, seq + 1
+    if filled:
+        conn.execute(insert_chunk, {"blob_id": blob.id, "seq": seq, "data": bytes(staging[:filled])})
+        seq += 1
+    logger.debug("stored blob %d: %d bytes in %d chunks", blob.id, blob.size, seq)
     return blob
 
 

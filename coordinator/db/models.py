@@ -137,6 +137,11 @@ class ModelVersion(Base):
     weights_blob_id: Mapped[int] = mapped_column(ForeignKey("blobs.id"), index=True)
     weights_sha256: Mapped[str] = mapped_column(String(64))
     weights_size: Mapped[int] = mapped_column(BigInteger)
+    # What the weights look like without reading them: array count, parameter count, and the sha256
+    # of the (dtype, shape) list, so a new version can be checked against its parent cheaply.
+    array_count: Mapped[int] = mapped_column(Integer)
+    parameter_count: Mapped[int] = mapped_column(BigInteger)
+    layout_sha256: Mapped[str] = mapped_column(String(64))
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     # The round that made this version. Not a foreign key: rounds reference their base version,
     # and a cycle of foreign keys would make both tables impossible to create or drop cleanly.

@@ -24,7 +24,8 @@ depends_on: str | Sequence[str] | None = None
 BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 _VERSION_COLUMNS = (
-    "id, model_pk, version, parent_id, weights_blob_id, weights_sha256, weights_size, signature, "
+    "id, model_pk, version, parent_id, weights_blob_id, weights_sha256, weights_size, array_count, "
+    "parameter_count, layout_sha256, signature, "
     "round_id, strategy, strategy_config, metrics, timestamp_id, note, created_at"
 )
 
@@ -107,6 +108,9 @@ def upgrade() -> None:
         sa.Column("weights_blob_id", BIG_ID, nullable=False),
         sa.Column("weights_sha256", sa.String(length=64), nullable=False),
         sa.Column("weights_size", sa.BigInteger(), nullable=False),
+        sa.Column("array_count", sa.Integer(), nullable=False),
+        sa.Column("parameter_count", sa.BigInteger(), nullable=False),
+        sa.Column("layout_sha256", sa.String(length=64), nullable=False),
         sa.Column("signature", sa.LargeBinary(), nullable=False),
         sa.Column("round_id", sa.Integer(), nullable=True),
         sa.Column("strategy", sa.String(length=64), nullable=True),
