@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from common.errors import UnsupportedModelTypeError
-from common.model import DynamicDLModel
+from common.model import DynamicDLModel, IncompatibleModelError
 from tests.interop.dafne_env import DAFNE_VERSIONS, DafneEnv
 from tests.interop.dafne_side import keras_digits
 
@@ -180,6 +180,7 @@ def test_delta_arithmetic_on_dafne_blobs_matches_dafne(dafne_written: DafneRun) 
     recomputed_delta = trained - base
     halved = base * 0.5
 
+    assert "from dafne_dl.interfaces import" in base.function_sources()["calc_delta_function"]
     _assert_same_weights(rebuilt.get_weights(), dafne_written.weights("rebuilt_w"))
     _assert_same_weights(rebuilt.get_weights(), dafne_written.weights("trained_w"), rtol=0, atol=1e-6)
     assert rebuilt.is_delta is False
@@ -189,6 +190,15 @@ def test_delta_arithmetic_on_dafne_blobs_matches_dafne(dafne_written: DafneRun) 
     assert recomputed_delta.is_delta is True
     assert recomputed_delta.timestamp_id == dafne_written.results["base"]["timestamp_id"]
     _assert_same_weights(halved.get_weights(), dafne_written.weights("halved_w"))
+
+
+def test_dafne_delta_function_refuses_another_model_with_fedmq_error(dafne_written: DafneRun) -> None:
+    base = DynamicDLModel.Loads(dafne_written.blob("model.dafne"))
+    other = base.copy()
+    other.model_id = "another-model"
+
+    with pytest.raises(IncompatibleModelError):
+        other - base
 
 
 def test_incremental_learn_runs_the_dafne_written_function(dafne_written: DafneRun) -> None:
