@@ -13,7 +13,9 @@ process killed mid-transfer resumes from the same directory with the chunks Rabb
 transfer whose state cannot be read is discarded with a warning. When the last chunk arrives the
 sha256 is checked and a :class:`CompletedTransfer` returned; after the message is handled,
 :meth:`Reassembler.finish` deletes the files and remembers the id so late duplicates are ignored.
-Transfers that stop receiving chunks (a lost chunk) are dropped by :meth:`Reassembler.expire`.
+A transfer that is discarded (bad sha256, damaged state, stale) is remembered too: its later chunks
+raise :class:`TransferError`, so the consumer dead-letters them with the reason instead of dropping
+them. Transfers that stop receiving chunks (a lost chunk) are dropped by :meth:`Reassembler.expire`.
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ class Reassembler:
         base = self.directory / transfer_id
         return base.with_suffix(".part"), base.with_suffix(".json"), base.with_suffix(".done")
 
+    def _discarded_marker(self, transfer_id: str) -> Path:
+        return (self.directory / transfer_id).with_suffix(".discarded")
+
     def _load_state(self, header: ChunkHeader) -> set[int] | None:
         part, meta, _ = self._paths(header.transfer_id)
         if not meta.exists():
@@ -208,6 +213,10 @@ class Reassembler:
         if done.exists():
             logger.debug("ignoring chunk %d of finished transfer %s", header.index, header.transfer_id)
             return None
+        if self._discarded_marker(header.transfer_id).exists():
+            raise TransferError(
+                f"transfer {header.transfer_id} was discarded earlier; chunk {header.index} refused"
+            )
         if header.total_size > self.max_transfer_size:
             raise TransferError(f"transfer of {header.total_size} bytes exceeds {self.max_transfer_size}")
         if len(data) != header.expected_length:
@@ -215,6 +224,10 @@ class Reassembler:
                 f"chunk {header.index} has {len(data)} bytes, expected {header.expected_length}"
             )
         received = self._load_state(header)
+        if received is None and self._discarded_marker(header.transfer_id).exists():
+            raise TransferError(
+                f"transfer {header.transfer_id} was damaged and discarded; chunk {header.index} refused"
+            )
         if received is None:
             received = set()
             with open(part, "wb") as handle:
@@ -255,8 +268,11 @@ class Reassembler:
         meta.unlink(missing_ok=True)
 
     def discard(self, transfer_id: str) -> None:
-        """Forget an incomplete or rejected transfer (its chunks will not be accepted again)."""
-        self.finish(transfer_id)
+        """Drop an incomplete or rejected transfer: its later chunks raise :class:`TransferError`."""
+        part, meta, _ = self._paths(transfer_id)
+        self._discarded_marker(transfer_id).touch()
+        part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
 
     def in_progress(self) -> list[str]:
         """Ids of transfers with chunks stored and not finished."""
@@ -266,7 +282,8 @@ class Reassembler:
         """Drop incomplete transfers and finished-ids not touched for ``stale_after_s``; return them."""
         now = time.time() if now is None else now
         dropped: list[str] = []
-        for path in list(self.directory.glob("*.json")) + list(self.directory.glob("*.done")):
+        markers = [*self.directory.glob("*.done"), *self.directory.glob("*.discarded")]
+        for path in list(self.directory.glob("*.json")) + markers:
             try:
                 age = now - path.stat().st_mtime
             except FileNotFoundError:

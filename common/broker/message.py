@@ -49,7 +49,8 @@ class Delivery:
 
     ``user_id`` is the sender's RabbitMQ user as validated by the broker (``None`` when the sender
     did not set it). ``attempts`` is 1 on the first delivery. Exactly one of ``data`` / ``path``
-    holds the body.
+    holds the body; a reassembled file is deleted once the handler returns, so read or move what
+    you need inside the handler.
     """
 
     queue: str

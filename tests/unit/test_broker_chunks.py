@@ -1,0 +1,188 @@
+"""Chunked transfers: framing and reassembly on disk, including the edge cases of a real network."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.broker.chunks import ChunkHeader, Reassembler, split_body
+from common.errors import TransferError
+
+CHUNK = 1024
+
+
+def _chunks(body: bytes, chunk_size: int = CHUNK) -> list[tuple[ChunkHeader, bytes]]:
+    return [(header, bytes(data)) for header, data in split_body(body, chunk_size)]
+
+
+def _feed(reassembler: Reassembler, chunks: list[tuple[ChunkHeader, bytes]]):
+    results = [reassembler.add(header, data) for header, data in chunks]
+    return [r for r in results if r is not None]
+
+
+def test_split_frames_every_chunk_with_the_whole_transfer(tmp_path):
+    body = os.urandom(3 * CHUNK + 10)
+
+    chunks = _chunks(body)
+
+    assert [h.index for h, _ in chunks] == [0, 1, 2, 3]
+    assert {(h.transfer_id, h.count, h.total_size, h.sha256) for h, _ in chunks} == {
+        (chunks[0][0].transfer_id, 4, len(body), hashlib.sha256(body).hexdigest())
+    }
+    assert b"".join(data for _, data in chunks) == body
+    assert ChunkHeader.from_headers(chunks[2][0].to_headers()) == chunks[2][0]
+
+
+def test_chunks_in_order_give_back_the_body(tmp_path):
+    body = os.urandom(5 * CHUNK)
+    reassembler = Reassembler(tmp_path)
+
+    completed = _feed(reassembler, _chunks(body))
+
+    assert len(completed) == 1
+    assert completed[0].path.read_bytes() == body
+
+
+def test_chunks_out_of_order_give_back_the_body(tmp_path):
+    body = os.urandom(7 * CHUNK + 3)
+    chunks = _chunks(body)
+    random.Random(4).shuffle(chunks)
+
+    completed = _feed(Reassembler(tmp_path), chunks)
+
+    assert [c.path.read_bytes() for c in completed] == [body]
+
+
+def test_a_duplicate_chunk_is_harmless_and_a_late_one_is_ignored(tmp_path):
+    body = os.urandom(3 * CHUNK)
+    chunks = _chunks(body)
+    reassembler = Reassembler(tmp_path)
+
+    completed = _feed(reassembler, [chunks[0], chunks[0], chunks[1], chunks[2]])
+    assert [c.path.read_bytes() for c in completed] == [body]
+    reassembler.finish(completed[0].transfer_id)
+
+    assert reassembler.add(*chunks[1]) is None
+    assert reassembler.in_progress() == []
+
+
+def test_a_missing_chunk_never_completes_and_is_discarded_when_stale(tmp_path):
+    chunks = _chunks(os.urandom(4 * CHUNK))
+    reassembler = Reassembler(tmp_path, stale_after_s=60)
+
+    completed = _feed(reassembler, chunks[:2] + chunks[3:])
+
+    assert completed == []
+    assert reassembler.in_progress() == [chunks[0][0].transfer_id]
+    assert reassembler.expire() == []
+
+    assert reassembler.expire(now=time.time() + 120) == [chunks[0][0].transfer_id]
+    assert reassembler.in_progress() == []
+    assert list(tmp_path.glob("*.part")) == []
+
+
+def test_a_wrong_sha256_is_refused_and_the_transfer_dropped(tmp_path):
+    body = os.urandom(3 * CHUNK)
+    chunks = _chunks(body)
+    header, data = chunks[1]
+    chunks[1] = (header, bytes([data[0] ^ 0xFF]) + data[1:])
+    reassembler = Reassembler(tmp_path)
+
+    with pytest.raises(TransferError, match="sha256"):
+        _feed(reassembler, chunks)
+
+    assert reassembler.in_progress() == []
+    assert list(tmp_path.glob("*.part")) == []
+
+
+def test_a_chunk_of_the_wrong_length_is_refused(tmp_path):
+    header, data = _chunks(os.urandom(3 * CHUNK))[0]
+
+    with pytest.raises(TransferError, match="bytes"):
+        Reassembler(tmp_path).add(header, data[:-1])
+
+
+def test_chunks_that_disagree_about_the_transfer_are_refused(tmp_path):
+    chunks = _chunks(os.urandom(3 * CHUNK))
+    reassembler = Reassembler(tmp_path)
+    reassembler.add(*chunks[0])
+    first = chunks[1][0]
+    liar = ChunkHeader(first.transfer_id, 1, first.count, first.total_size, first.chunk_size, "0" * 64)
+
+    with pytest.raises(TransferError, match="disagrees"):
+        reassembler.add(liar, chunks[1][1])
+
+
+def test_a_body_over_the_limit_is_refused_before_anything_is_written(tmp_path):
+    header, data = _chunks(os.urandom(3 * CHUNK))[0]
+
+    with pytest.raises(TransferError, match="exceeds"):
+        Reassembler(tmp_path, max_transfer_size=2 * CHUNK).add(header, data)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"x-fedmq-chunk": 9},
+        {"x-fedmq-chunks": 2},
+        {"x-fedmq-sha256": "not-hex"},
+        {"x-fedmq-transfer": "../../etc/passwd"},
+        {"x-fedmq-size": "many"},
+    ],
+)
+def test_malformed_framing_is_refused(change):
+    header, _ = _chunks(os.urandom(3 * CHUNK))[0]
+
+    with pytest.raises(TransferError):
+        ChunkHeader.from_headers({**header.to_headers(), **change})
+
+
+def test_a_restart_mid_transfer_resumes_from_the_same_directory(tmp_path):
+    body = os.urandom(6 * CHUNK)
+    chunks = _chunks(body)
+    _feed(Reassembler(tmp_path), chunks[:4])
+
+    restarted = Reassembler(tmp_path)
+    completed = _feed(restarted, chunks[3:])  # chunk 3 redelivered: its ack was lost in the crash
+
+    assert [c.path.read_bytes() for c in completed] == [body]
+
+
+def test_a_transfer_whose_state_was_damaged_in_a_crash_is_discarded_cleanly(tmp_path):
+    chunks = _chunks(os.urandom(4 * CHUNK))
+    _feed(Reassembler(tmp_path), chunks[:2])
+    (tmp_path / f"{chunks[0][0].transfer_id}.json").write_text("{not json")
+
+    restarted = Reassembler(tmp_path)
+
+    with pytest.raises(TransferError, match="discarded"):
+        restarted.add(*chunks[2])
+    with pytest.raises(TransferError, match="discarded"):
+        restarted.add(*chunks[3])
+    assert restarted.in_progress() == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=5 * 64),
+    order=st.randoms(use_true_random=False),
+    duplicates=st.lists(st.integers(min_value=0, max_value=100), max_size=5),
+)
+def test_any_order_with_duplicates_gives_back_the_body(tmp_path_factory, size, order, duplicates):
+    body = os.urandom(size)
+    chunks = _chunks(body, 64)
+    sent = chunks + [chunks[i % len(chunks)] for i in duplicates]
+    order.shuffle(sent)
+    reassembler = Reassembler(tmp_path_factory.mktemp("r"), fsync=False)
+
+    completed = _feed(reassembler, sent)
+
+    assert completed and all(c.path.read_bytes() == body for c in completed)

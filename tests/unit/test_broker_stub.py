@@ -1,0 +1,198 @@
+"""The in-memory broker: routing, chunked transfers and the ack / retry / dead-letter rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from common.broker import BrokerConfig, OutgoingMessage, StubBroker
+from common.broker.message import ORIGINAL_USER_HEADER, REASON_HEADER
+from common.broker.stub import topic_matches
+from common.broker.topology import Binding, ExchangeSpec, QueueSpec, Topology, dead_letter_queue_name
+from common.errors import DecodeError, PoisonMessageError, UnroutableMessageError
+
+QUEUE = "jobs"
+DLQ = dead_letter_queue_name(QUEUE)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    stub = StubBroker(BrokerConfig(chunk_size=1024, spill_dir=tmp_path, max_delivery_attempts=3))
+    stub.declare(
+        Topology(
+            (ExchangeSpec("work", "direct"), ExchangeSpec("news", "fanout"), ExchangeSpec("t", "topic")),
+            (
+                QueueSpec(QUEUE, bindings=(Binding("work", "job"), Binding("t", "model.*.done"))),
+                QueueSpec("other", bindings=(Binding("news"),)),
+            ),
+        )
+    )
+    return stub
+
+
+class _Received(list):
+    """Deliveries seen by a handler, with their bodies read while the handler ran."""
+
+    def __call__(self, delivery):
+        self.append(delivery)
+        self.bodies.append(delivery.body)
+
+    def __init__(self):
+        super().__init__()
+        self.bodies = []
+
+
+def _collect(broker, queue=QUEUE):
+    received = _Received()
+    broker.consumer(queue, received).start()
+    return received
+
+
+def test_a_mandatory_message_no_queue_takes_is_refused(broker):
+    with pytest.raises(UnroutableMessageError):
+        broker.publish(OutgoingMessage("work", "nobody", b"x"))
+
+
+def test_messages_route_like_rabbitmq(broker):
+    received = _collect(broker)
+
+    broker.publish(OutgoingMessage("work", "job", b"direct"))
+    broker.publish(OutgoingMessage("t", "model.a.done", b"topic"))
+    broker.publish(OutgoingMessage("", QUEUE, b"default"))
+    broker.drain()
+
+    assert received.bodies == [b"direct", b"topic", b"default"]
+    assert received[0].user_id == "stub"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "expected"),
+    [
+        ("a.*", "a.b", True),
+        ("a.*", "a.b.c", False),
+        ("a.#", "a", True),
+        ("#.c", "a.b.c", True),
+        ("a.b", "a.c", False),
+    ],
+)
+def test_topic_patterns(pattern, key, expected):
+    assert topic_matches(pattern, key) is expected
+
+
+def test_a_large_body_travels_as_chunks_and_arrives_whole(broker):
+    received = _collect(broker)
+    body = os.urandom(10 * 1024 + 5)
+
+    broker.publish(OutgoingMessage("work", "job", body, message_id="m1", headers={"kind": "delta"}))
+    assert len(broker.messages(QUEUE)) == 11
+    broker.drain()
+
+    assert len(received) == 1
+    assert received.bodies == [body]
+    assert received[0].message_id == "m1"
+    assert dict(received[0].headers) == {"kind": "delta"}
+
+
+def test_chunks_out_of_order_and_duplicated_arrive_once(broker):
+    received = _collect(broker)
+    body = os.urandom(4 * 1024)
+    broker.publish(OutgoingMessage("work", "job", body))
+    queue = broker.messages(QUEUE)
+    chunks = list(queue)
+    queue.clear()
+    queue.extend([chunks[3], chunks[1], chunks[1], chunks[0], chunks[2], chunks[3]])
+
+    broker.drain()
+
+    assert received.bodies == [body]
+    assert len(broker.messages(DLQ)) == 0
+
+
+def test_a_transfer_missing_a_chunk_is_never_handed_over(broker):
+    received = _collect(broker)
+    broker.publish(OutgoingMessage("work", "job", os.urandom(4 * 1024)))
+    del broker.messages(QUEUE)[2]
+
+    broker.drain()
+
+    assert received == []
+
+
+def test_a_transfer_with_a_corrupted_chunk_is_dead_lettered_with_the_reason(broker):
+    received = _collect(broker)
+    broker.publish(OutgoingMessage("work", "job", os.urandom(4 * 1024)))
+    queue = broker.messages(QUEUE)
+    queue[1] = queue[1].__class__(**{**vars(queue[1]), "body": bytes(1024)})
+
+    broker.drain()
+
+    assert received == []
+    [dead] = broker.messages(DLQ)
+    assert "sha256" in dead.headers[REASON_HEADER]
+
+
+def test_a_handler_that_always_fails_gets_its_message_dead_lettered_after_the_limit(broker):
+    calls = []
+
+    def failing(delivery):
+        calls.append(delivery.attempts)
+        raise RuntimeError("model exploded")
+
+    broker.consumer(QUEUE, failing).start()
+    broker.publish(OutgoingMessage("work", "job", b"task", message_id="t1"))
+
+    broker.drain()
+
+    assert calls == [1, 2, 3]
+    [dead] = broker.messages(DLQ)
+    assert dead.body == b"task"
+    assert "failed 3 times" in dead.headers[REASON_HEADER]
+    assert "model exploded" in dead.headers[REASON_HEADER]
+    assert dead.headers[ORIGINAL_USER_HEADER] == "stub"
+    assert dead.user_id is None
+    assert len(broker.messages(QUEUE)) == 0
+
+
+@pytest.mark.parametrize("error", [DecodeError("not msgpack"), PoisonMessageError("unknown worker")])
+def test_an_undecodable_or_poison_message_is_dead_lettered_at_once(broker, error):
+    calls = []
+
+    def handler(delivery):
+        calls.append(delivery)
+        raise error
+
+    broker.consumer(QUEUE, handler).start()
+    broker.publish(OutgoingMessage("work", "job", b"\xc1garbage"))
+
+    broker.drain()
+
+    assert len(calls) == 1
+    [dead] = broker.messages(DLQ)
+    assert str(error) in dead.headers[REASON_HEADER]
+
+
+def test_a_handler_that_fails_once_succeeds_on_the_retry(broker):
+    outcomes = []
+
+    def flaky(delivery):
+        outcomes.append(delivery.attempts)
+        if delivery.attempts == 1:
+            raise ConnectionError("database blip")
+
+    broker.consumer(QUEUE, flaky).start()
+    broker.publish(OutgoingMessage("work", "job", b"task"))
+
+    broker.drain()
+
+    assert outcomes == [1, 2]
+    assert len(broker.messages(DLQ)) == 0
+
+
+def test_a_fanout_reaches_every_bound_queue(broker):
+    broker.declare(Topology((), (QueueSpec("third", bindings=(Binding("news"),)),)))
+
+    broker.publish(OutgoingMessage("news", "", b"v2"))
+
+    assert len(broker.messages("other")) == 1
+    assert len(broker.messages("third")) == 1
