@@ -14,6 +14,7 @@ workers reach it through :func:`common.signing.load_signed_model`, after the sig
 
 from __future__ import annotations
 
+import io
 import pickle
 from typing import IO, Any
 
@@ -51,15 +52,48 @@ def dump_blob(model: DynamicDLModel, file: IO[bytes], layout: str = "2") -> None
     dill.dump(blob_dict(model, layout), file)
 
 
+class _Placeholder:
+    """Stands in for a class whose module is not installed, so a blob's ``type`` can still be read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _TypeProbe(dill.Unpickler):
+    """An unpickler that replaces classes and functions of missing modules with placeholders."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except ImportError:
+            return _Placeholder
+
+
+def _probe_type(data: bytes) -> Any:
+    """The ``type`` field of a blob whose unpickling needs modules that are not installed."""
+    try:
+        probed = _TypeProbe(io.BytesIO(data)).load()
+    except Exception:  # anything: this is only a second chance to name the model type
+        return None
+    return probed.get("type") if isinstance(probed, dict) else None
+
+
 def read_blob_dict(data: bytes) -> dict[str, Any]:
     """Unpickle a blob's dict (this runs pickle: trusted bytes only) and check its shape."""
     try:
         loaded = dill.loads(data)
+    except ImportError as exc:
+        model_type = _probe_type(data)
+        if model_type is not None and model_type not in SUPPORTED_TYPES:
+            raise UnsupportedModelTypeError(str(model_type)) from exc
+        raise BlobError(f"the blob needs the Python module {exc.name!r}, which is not installed") from exc
     except (
         pickle.UnpicklingError,
         EOFError,
         AttributeError,
-        ImportError,
         IndexError,
         TypeError,
         ValueError,
