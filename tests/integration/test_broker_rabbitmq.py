@@ -1,0 +1,248 @@
+"""The RabbitMQ layer against a real RabbitMQ node started by the suite (tests/fixtures/rabbitmq.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from common.broker import BrokerConfig, Delivery, OutgoingMessage, RabbitmqBroker
+from common.broker.admin import add_user, delete_user, set_permissions
+from common.broker.consumer import Consumer
+from common.broker.message import REASON_HEADER
+from common.broker.topology import Binding, ExchangeSpec, QueueSpec, Topology, dead_letter_queue_name
+from common.errors import BrokerAccessRefusedError, UnroutableMessageError
+
+pytestmark = pytest.mark.integration
+
+MIB = 1024 * 1024
+WAIT_S = 30.0
+
+
+@pytest.fixture
+def config(rabbitmq, tmp_path) -> BrokerConfig:
+    return BrokerConfig(
+        amqp_url=rabbitmq.amqp_url,
+        chunk_size=4 * MIB,
+        spill_dir=tmp_path / "transfers",
+        max_delivery_attempts=3,
+        reconnect_initial_s=0.2,
+        reconnect_max_s=1.0,
+    )
+
+
+@pytest.fixture
+def broker(config) -> Iterator[RabbitmqBroker]:
+    broker = RabbitmqBroker(config, name=f"test-{uuid.uuid4().hex[:6]}")
+    yield broker
+    broker.close()
+
+
+def _topology(queue: str, **queue_options) -> Topology:
+    exchange = f"{queue}.ex"
+    return Topology(
+        (ExchangeSpec(exchange, "direct"),),
+        (QueueSpec(queue, bindings=(Binding(exchange, "key"),), **queue_options),),
+    )
+
+
+@pytest.fixture
+def queue(broker) -> str:
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare(_topology(name))
+    return name
+
+
+def _send(broker: RabbitmqBroker, queue: str, body: bytes, **fields) -> None:
+    broker.publish(OutgoingMessage(f"{queue}.ex", "key", body, **fields))
+
+
+def _consume(config: BrokerConfig, queue: str, handler: Callable[[Delivery], None], **options) -> Consumer:
+    consumer = Consumer(config, queue, handler, **options)
+    consumer.start()
+    return consumer
+
+
+def _queue_depths(rabbitmq) -> dict[str, int]:
+    rows = rabbitmq.ctl("list_queues", "--no-table-headers", "name", "messages").splitlines()
+    return {name: int(count) for name, count in (row.split("\t") for row in rows if "\t" in row)}
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_declaring_the_topology_twice_is_harmless(broker, rabbitmq):
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    topology = _topology(name, single_active_consumer=True)
+
+    first = broker.declare(topology)
+    second = broker.declare(topology)
+
+    assert first.kinds == second.kinds == {name: "quorum", dead_letter_queue_name(name): "quorum"}
+    types = dict(
+        row.split("\t")
+        for row in rabbitmq.ctl("list_queues", "--no-table-headers", "name", "type").splitlines()
+        if "\t" in row
+    )
+    assert types[name] == types[dead_letter_queue_name(name)] == "quorum"
+
+
+def test_a_mandatory_message_no_queue_takes_raises_our_error(broker, queue):
+    with pytest.raises(UnroutableMessageError):
+        broker.publish(OutgoingMessage(f"{queue}.ex", "no-such-key", b"lost?"))
+
+
+def test_a_40_mb_body_arrives_intact_in_4_mb_chunks_with_bounded_memory(broker, config, queue):
+    body = os.urandom(40 * MIB)
+    expected = hashlib.sha256(body).hexdigest()
+    _send(broker, queue, body, message_id="weights")
+    del body
+    seen: list[tuple[str | None, int, str]] = []
+    done = threading.Event()
+
+    def handler(delivery: Delivery) -> None:
+        digest = hashlib.sha256()
+        with delivery.open() as stream:
+            while block := stream.read(MIB):
+                digest.update(block)
+        seen.append((delivery.message_id, delivery.size, digest.hexdigest()))
+        done.set()
+
+    tracemalloc.start()
+    consumer = _consume(config, queue, handler, prefetch=2)
+    try:
+        assert done.wait(WAIT_S)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        consumer.stop()
+
+    assert seen == [("weights", 40 * MIB, expected)]
+    assert peak < 20 * MIB, f"reassembly peaked at {peak / MIB:.1f} MiB for a 40 MiB body"
+
+
+def test_a_message_that_always_fails_is_dead_lettered_with_the_reason(broker, config, queue, rabbitmq):
+    attempts: list[int] = []
+    dead: list[Delivery] = []
+
+    def failing(delivery: Delivery) -> None:
+        attempts.append(delivery.attempts)
+        raise RuntimeError("cannot train on this")
+
+    _send(broker, queue, b"poison task", message_id="t-1")
+    consumer = _consume(config, queue, failing)
+    dlq_consumer = _consume(config, dead_letter_queue_name(queue), dead.append)
+    try:
+        _wait_for(lambda: len(dead) == 1, "the dead-lettered message")
+    finally:
+        consumer.stop()
+        dlq_consumer.stop()
+
+    assert attempts == [1, 2, 3]
+    assert dead[0].body == b"poison task"
+    assert dead[0].message_id == "t-1"
+    assert "failed 3 times" in dead[0].headers[REASON_HEADER]
+    assert "cannot train on this" in dead[0].headers[REASON_HEADER]
+    assert _queue_depths(rabbitmq)[queue] == 0
+
+
+def test_a_message_is_acked_only_after_the_handler_returns(broker, config, queue, rabbitmq):
+    calls: list[bool] = []
+    in_handler = threading.Event()
+    release = threading.Event()
+
+    def handler(delivery: Delivery) -> None:
+        calls.append(delivery.redelivered)
+        if len(calls) == 1:
+            in_handler.set()
+            release.wait(WAIT_S)
+
+    _send(broker, queue, b"task")
+    consumer = _consume(config, queue, handler)
+    try:
+        assert in_handler.wait(WAIT_S)
+        rabbitmq.ctl("close_all_connections", "test: connection lost mid-handle")
+        release.set()
+        _wait_for(lambda: len(calls) == 2, "the redelivery")
+        _wait_for(lambda: _queue_depths(rabbitmq)[queue] == 0, "the ack of the redelivered message")
+    finally:
+        consumer.stop()
+
+    assert calls == [False, True]
+    assert consumer.connections_opened == 2
+
+
+def test_a_handler_longer_than_the_heartbeat_keeps_its_connection(config, broker, queue, rabbitmq):
+    short_heartbeat = BrokerConfig(**{**vars(config), "heartbeat_s": 2})
+    handled: list[bytes] = []
+
+    def slow(delivery: Delivery) -> None:
+        time.sleep(6)
+        handled.append(delivery.body)
+
+    _send(broker, queue, b"long training step")
+    consumer = _consume(short_heartbeat, queue, slow)
+    try:
+        _wait_for(lambda: handled == [b"long training step"], "the slow handler")
+        _wait_for(lambda: _queue_depths(rabbitmq)[queue] == 0, "the ack")
+    finally:
+        consumer.stop()
+
+    assert handled == [b"long training step"]
+    assert consumer.connections_opened == 1
+
+
+def test_only_one_consumer_of_a_single_active_consumer_queue_receives(broker, config, rabbitmq):
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare(_topology(name, single_active_consumer=True))
+    first: list[bytes] = []
+    second: list[bytes] = []
+    active = _consume(config, name, lambda d: first.append(d.body), name="coordinator-a")
+    _wait_for(lambda: active.connections_opened == 1, "the first consumer")
+    time.sleep(0.5)
+    standby = _consume(config, name, lambda d: second.append(d.body), name="coordinator-b")
+    try:
+        for i in range(6):
+            _send(broker, name, f"m{i}".encode())
+        _wait_for(lambda: len(first) + len(second) == 6, "all messages")
+        active.stop()
+        _send(broker, name, b"after failover")
+        _wait_for(lambda: b"after failover" in first + second, "the standby to take over")
+    finally:
+        active.stop()
+        standby.stop()
+
+    assert first == [f"m{i}".encode() for i in range(6)]
+    assert second == [b"after failover"]
+
+
+def test_a_worker_user_is_confined_and_its_user_id_is_validated(broker, config, queue, rabbitmq):
+    worker = f"w-{uuid.uuid4().hex[:6]}"
+    add_user(rabbitmq.node, worker, "s3cret")
+    set_permissions(rabbitmq.node, worker, "^$", f"^{queue}\\.ex$", "^$")
+    port = rabbitmq.port
+    worker_config = BrokerConfig(
+        **{**vars(config), "amqp_url": f"amqp://{worker}:s3cret@127.0.0.1:{port}/%2F"}
+    )
+    worker_broker = RabbitmqBroker(worker_config, name=worker)
+    received: list[str | None] = []
+    consumer = _consume(config, queue, lambda d: received.append(d.user_id))
+    try:
+        worker_broker.publish(OutgoingMessage(f"{queue}.ex", "key", b"delta"))
+        with pytest.raises(BrokerAccessRefusedError):
+            worker_broker.publish(OutgoingMessage("fedmq.dlx", queue, b"not allowed"))
+        _wait_for(lambda: received == [worker], "the worker's message")
+    finally:
+        consumer.stop()
+        worker_broker.close()
+        delete_user(rabbitmq.node, worker)
