@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,3 +210,21 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def wait_for_database(db: Database, timeout_s: float, *, interval_s: float = 0.5) -> None:
+    """Retry :meth:`Database.check_connection` until it works or ``timeout_s`` passes.
+
+    For start-up next to a database that is still booting (containers). Only "unavailable" is
+    retried; a locked database or any other error is raised at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.check_connection()
+            return
+        except DatabaseUnavailableError:
+            if time.monotonic() >= deadline:
+                raise
+            logger.info("waiting for %s", db.description)
+            time.sleep(interval_s)

@@ -26,7 +26,16 @@ from coordinator.db.engine import Database, translate_errors
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+
+def _migrations_dir() -> Path:
+    """The installed ``migrations`` package's directory (works for a namespace-style install too)."""
+    for entry in migrations.__path__:
+        if (Path(entry) / "env.py").is_file():
+            return Path(entry).resolve()
+    raise StorageError("the fedmq installation has no migrations/env.py: reinstall fedmq")
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 def alembic_config(db: Database) -> Config:
