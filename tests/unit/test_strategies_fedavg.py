@@ -1,0 +1,58 @@
+"""FedAvg and delta validation against hand-computed expectations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.errors import ConfigError
+from coordinator.strategies import get_strategy
+from coordinator.validation import DeltaPolicy, DeltaRejectedError, validate_delta
+
+
+def test_fedavg_is_the_sample_weighted_mean_added_to_the_base():
+    base = [np.array([1.0, 2.0], dtype=np.float32), np.array([5], dtype=np.int64)]
+    agg = get_strategy("fedavg").begin(base)
+
+    agg.add([np.array([1.0, 0.0], dtype=np.float32), np.array([100], dtype=np.int64)], sample_count=30)
+    agg.add([np.array([-1.0, 4.0], dtype=np.float32), np.array([100], dtype=np.int64)], sample_count=10)
+    new = agg.finish()
+
+    # (30*[1,0] + 10*[-1,4]) / 40 = [0.5, 1.0]
+    np.testing.assert_allclose(new[0], [1.5, 3.0])
+    assert new[0].dtype == np.float32
+    assert new[1].tolist() == [5], "integer counters keep the base value"
+    assert agg.count == 2
+
+
+def test_fedavg_with_no_deltas_returns_the_base_and_server_lr_scales():
+    base = [np.array([1.0, 1.0])]
+    assert get_strategy("fedavg").begin(base).finish()[0].tolist() == [1.0, 1.0]
+    agg = get_strategy("fedavg", {"server_lr": 0.5}).begin(base)
+    agg.add([np.array([2.0, 2.0])], 1)
+    assert agg.finish()[0].tolist() == [2.0, 2.0]
+
+
+def test_unknown_strategy_or_bad_option_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'"):
+        get_strategy("nope")
+    with pytest.raises(ConfigError, match="fedavg"):
+        get_strategy("fedavg", {"momentum": 0.9})
+
+
+def test_validation_returns_the_norm_and_rejects_with_reasons():
+    base = [np.zeros((2, 2), dtype=np.float32), np.zeros(3, dtype=np.int64)]
+    good = [np.full((2, 2), 0.5, dtype=np.float32), np.zeros(3, dtype=np.int64)]
+
+    assert validate_delta(good, base, 10) == pytest.approx(1.0)
+    cases = [
+        ([good[0]], 10, DeltaPolicy(), "1 arrays"),
+        ([good[0].astype(np.float64), good[1]], 10, DeltaPolicy(), "array 0: float64"),
+        ([np.full((2, 2), np.nan, dtype=np.float32), good[1]], 10, DeltaPolicy(), "NaN"),
+        (good, 0, DeltaPolicy(), "not positive"),
+        (good, 11, DeltaPolicy(max_sample_count=10), "exceeds the cap"),
+        (good, 10, DeltaPolicy(max_norm=0.5), "L2 norm 1 exceeds"),
+    ]
+    for delta, count, policy, reason in cases:
+        with pytest.raises(DeltaRejectedError, match=reason):
+            validate_delta(delta, base, count, policy)
