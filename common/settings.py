@@ -108,6 +108,7 @@ def redact_url(url: str) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_KIND_NAMES = {"int": "an integer", "float": "a number", "Path": "a path", "str": "a string"}
 
 
 def _coerce(name: str, raw: Any, source: str) -> Any:
@@ -130,7 +131,7 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
             raise TypeError
         return raw.upper() if name == "log_level" else raw
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be a {kind}, got {raw!r}") from None
+        raise ConfigError(f"{source}: {name} must be {_KIND_NAMES.get(kind, kind)}, got {raw!r}") from None
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
