@@ -192,12 +192,18 @@ def start(directory: str | Path, port: int | None = None, timeout: float = 90.0)
             raise DevBrokerError(f"a node already runs in {base} on port {running.port}, not {port}")
         return running
     server = _script("rabbitmq-server")
-    amqp_port = port if port is not None else free_port()
+    prior = _load(base)
+    if port is not None:
+        amqp_port = port
+    elif prior is not None and not _port_open(prior.port):
+        amqp_port = prior.port  # same URL as last time
+    else:
+        amqp_port = free_port()
     if _port_open(amqp_port):
         raise DevBrokerError(f"port {amqp_port} is already in use")
     node = DevNode(
         directory=str(base),
-        nodename=f"fedmq-{amqp_port}@localhost",
+        nodename=prior.nodename if prior is not None else f"fedmq-{amqp_port}@localhost",
         port=amqp_port,
         dist_port=free_port(),
     )
@@ -257,8 +263,21 @@ def stop(directory: str | Path, timeout: float = 60.0) -> bool:
     while _port_open(node.port) and time.monotonic() < deadline:
         time.sleep(0.2)
     if node.pid:
-        try:
-            os.waitpid(node.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+        _reap(node.pid, deadline)
     return True
+
+
+def _reap(pid: int, deadline: float) -> None:
+    """Wait for the server process this module started to exit (and reap it if it is our child)."""
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.2)
+    _terminate(pid)
