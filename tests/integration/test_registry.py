@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -204,3 +207,36 @@ class TestRegistry:
         assert np.array_equal(back[0], big[0])
         assert write_peak < 2.5 * size, f"write peak {write_peak / size:.2f}x the model size"
         assert read_peak < 2.5 * size, f"read peak {read_peak / size:.2f}x the model size"
+
+
+_REGISTER_THEN_KILL = """
+import os, signal, sys
+import numpy as np
+from common.keyfiles import generate_key
+from common.settings import Settings
+from coordinator.db import Database
+from coordinator.registry import KeySigner, ModelRegistry
+from tests.integration.test_registry import CODE, weights
+
+db = Database.from_settings(Settings(database_url=sys.argv[1]))
+registry = ModelRegistry(db, KeySigner(generate_key()))
+registry.add_version("digits", weights(1), metrics={"accuracy": 0.5})
+print("stored", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_committed_sqlite_version_survives_kill_9(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fedmq.db'}"
+    db = Database.from_settings(Settings(database_url=url))
+    upgrade(db)
+    ModelRegistry(db, KeySigner(generate_key())).register("digits", CODE, weights(0))
+
+    result = subprocess.run(
+        [sys.executable, "-c", _REGISTER_THEN_KILL, url], capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == -signal.SIGKILL and "stored" in result.stdout, result.stderr
+    registry = ModelRegistry(Database.from_settings(Settings(database_url=url)), KeySigner(generate_key()))
+    assert registry.version("digits").version == 2
+    assert np.array_equal(registry.weights("digits", 2)[1], weights(1)[1])
