@@ -1,0 +1,95 @@
+"""The ack / retry / dead-letter rules every consumer follows, and the quorum-queue fallback."""
+
+from __future__ import annotations
+
+import pika.exceptions as px
+
+from common.broker.chunks import Reassembler
+from common.broker.processing import DeliveryProcessor, Outcome, RawDelivery
+from common.broker.topology import QueueSpec, Topology, declare
+
+
+def _processor(tmp_path, handler, max_attempts=3) -> DeliveryProcessor:
+    return DeliveryProcessor("q", handler, Reassembler(tmp_path), max_attempts)
+
+
+def _always_fails(delivery):
+    raise RuntimeError("boom")
+
+
+def test_on_a_classic_queue_the_consumer_counts_failures_itself(tmp_path):
+    processor = _processor(tmp_path, _always_fails)
+    raw = RawDelivery(body=b"task", message_id="t-1")  # no x-delivery-count: a classic queue
+
+    outcomes = [processor.process(raw).outcome for _ in range(3)]
+
+    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.DEAD_LETTER]
+
+
+def test_on_a_quorum_queue_the_brokers_count_wins(tmp_path):
+    processor = _processor(tmp_path, _always_fails)
+
+    decision = processor.process(RawDelivery(body=b"task", headers={"x-delivery-count": 2}))
+
+    assert decision.outcome is Outcome.DEAD_LETTER
+    assert decision.attempts == 3
+
+
+def test_a_success_is_acked_and_forgets_earlier_failures(tmp_path):
+    calls = []
+
+    def flaky(delivery):
+        calls.append(delivery.attempts)
+        if len(calls) == 1:
+            raise RuntimeError("once")
+
+    processor = _processor(tmp_path, flaky)
+    raw = RawDelivery(body=b"task", message_id="t-2")
+
+    assert [processor.process(raw).outcome for _ in range(2)] == [Outcome.RETRY, Outcome.ACK]
+    assert calls == [1, 2]
+
+
+def test_malformed_chunk_headers_are_dead_lettered_without_calling_the_handler(tmp_path):
+    calls: list[object] = []
+    processor = _processor(tmp_path, calls.append)
+
+    decision = processor.process(RawDelivery(body=b"x", headers={"x-fedmq-transfer": "zz"}))
+
+    assert decision.outcome is Outcome.DEAD_LETTER
+    assert "chunk" in decision.reason
+    assert calls == []
+
+
+class _RefusesQuorum:
+    """A connection to a broker without quorum queues (what RabbitMQ < 3.8 answers)."""
+
+    def __init__(self):
+        self.declared: dict[str, dict] = {}
+
+    def channel(self):
+        return self
+
+    def exchange_declare(self, *args, **kwargs):
+        pass
+
+    def queue_declare(self, name, durable, arguments):
+        if arguments.get("x-queue-type") == "quorum":
+            raise px.ChannelClosedByBroker(406, "PRECONDITION_FAILED - invalid arg 'x-queue-type'")
+        self.declared[name] = arguments
+
+    def queue_bind(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_broker_that_refuses_quorum_queues_gets_classic_durable_ones(tmp_path, caplog):
+    connection = _RefusesQuorum()
+
+    declared = declare(connection, Topology((), (QueueSpec("q"),)))
+
+    assert declared.kinds == {"q": "classic", "q.dlq": "classic"}
+    assert connection.declared["q"]["x-dead-letter-routing-key"] == "q"
+    assert "refused a quorum queue" in caplog.text
