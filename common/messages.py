@@ -229,7 +229,10 @@ class SubmitJob(Message):
 
 @dataclass(frozen=True)
 class ModelRelease(Message):
-    """A version of a model: payload = signed code envelope followed by signed weights envelope."""
+    """A version of a model: payload = code envelope, manifest envelope, weights frame.
+
+    See :mod:`common.release` for what each part is and how a worker verifies them.
+    """
 
     TYPE: ClassVar[str] = "model-release"
     HAS_PAYLOAD: ClassVar[bool] = True
@@ -238,15 +241,8 @@ class ModelRelease(Message):
     code_sha256: str
     weights_sha256: str
     code_size: int
+    manifest_size: int
     payload: bytes | memoryview = field(default=b"", repr=False)
-
-    @property
-    def code_envelope(self) -> memoryview:
-        return memoryview(self.payload)[: self.code_size]
-
-    @property
-    def weights_envelope(self) -> memoryview:
-        return memoryview(self.payload)[self.code_size :]
 
 
 @dataclass(frozen=True)

@@ -58,12 +58,18 @@ def test_messages_without_payload_round_trip():
     assert decode(task.encode(), TrainTask) == task
 
 
-def test_release_splits_its_two_envelopes():
+def test_release_round_trip():
     release = ModelRelease(
-        model="m", version=1, code_sha256="c", weights_sha256="w", code_size=3, payload=b"CODWEIGHTS"
+        model="m",
+        version=1,
+        code_sha256="c",
+        weights_sha256="w",
+        code_size=3,
+        manifest_size=2,
+        payload=b"CODMAW",
     )
     got = decode(release.encode(), ModelRelease)
-    assert bytes(got.code_envelope) == b"COD" and bytes(got.weights_envelope) == b"WEIGHTS"
+    assert got == release and bytes(got.payload) == b"CODMAW"
 
 
 @pytest.mark.parametrize(

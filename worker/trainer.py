@@ -1,0 +1,72 @@
+"""What a worker does with a model: learn on local data and compute the delta; apply for jobs.
+
+Kept free of messaging so it can be tested alone. Training uses the model's own
+``incremental_learn_function``; the delta is ``trained - base`` computed by the model's own
+``calc_delta_function`` (dafne-dl's contract), as a weight list for the codec.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.errors import ModelError
+from common.model import DynamicDLModel
+from worker.data import LocalData
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    delta: list[np.ndarray]
+    sample_count: int
+    metrics: dict[str, float]
+
+
+def _accuracy(model: DynamicDLModel, data: LocalData, limit: int = 2000) -> float | None:
+    """Accuracy of a classifier on (a sample of) the local data, or None if outputs are not classes."""
+    x, y = data.x[:limit], data.y[:limit]
+    try:
+        out = np.asarray(model(x))
+    except Exception:  # model code may not support batch apply; metrics are optional
+        return None
+    if out.ndim != 2 or len(out) != len(y) or not np.issubdtype(y.dtype, np.integer):
+        return None
+    return float((out.argmax(axis=1) == y).mean())
+
+
+def train(model: DynamicDLModel, data: LocalData, options: dict[str, Any] | None = None) -> TrainingResult:
+    """Learn on ``data`` from ``model`` (left unchanged) and return the delta and metrics.
+
+    Options: ``epochs`` (default 1; each epoch is one call of the model's incremental learning),
+    ``batch_size`` (default 32), ``max_samples`` (use at most this many local samples).
+    """
+    options = dict(options or {})
+    if not model.can_incremental_learn():
+        raise ModelError(f"model {model.model_id!r} has no incremental_learn_function")
+    epochs = int(options.get("epochs", 1))
+    batch_size = int(options.get("batch_size", 32))
+    x, y = data.x, data.y
+    if "max_samples" in options:
+        x, y = x[: int(options["max_samples"])], y[: int(options["max_samples"])]
+    local = LocalData(x, y, data.files)
+    trained = model.copy()
+    before = _accuracy(trained, local)
+    started = time.perf_counter()
+    for _ in range(max(1, epochs)):
+        trained.incremental_learn(x, y, batch_size, 1)
+    seconds = time.perf_counter() - started
+    after = _accuracy(trained, local)
+    delta_model = trained - model
+    delta = [np.asarray(w) for w in delta_model.get_weights()]
+    metrics = {"train_seconds": seconds, "epochs": float(epochs)}
+    if before is not None and after is not None:
+        metrics.update(local_accuracy_before=before, local_accuracy_after=after)
+    return TrainingResult(delta=delta, sample_count=len(x), metrics=metrics)
+
+
+def apply(model: DynamicDLModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Apply the model to each input array; results as arrays for the codec."""
+    return [np.asarray(model(np.asarray(x))) for x in inputs]
