@@ -14,7 +14,7 @@ import sys
 import typer
 
 from common.errors import FedmqError
-from coordinator.cli import bench, demo, keys
+from coordinator.cli import bench, db, demo, keys, models
 
 app = typer.Typer(
     name="fedmq",
@@ -26,6 +26,8 @@ app = typer.Typer(
 app.add_typer(keys.app, name="keys")
 app.add_typer(bench.app, name="bench")
 app.add_typer(demo.app, name="demo")
+app.add_typer(db.app, name="db")
+app.add_typer(models.app, name="models")
 
 
 @app.callback()
