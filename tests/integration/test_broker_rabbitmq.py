@@ -14,6 +14,7 @@ import pytest
 
 from common.broker import BrokerConfig, Delivery, OutgoingMessage, RabbitmqBroker
 from common.broker.admin import add_user, delete_user, set_permissions
+from common.broker.chunks import ChunkHeader, CompletedTransfer, Reassembler
 from common.broker.consumer import Consumer
 from common.broker.message import REASON_HEADER
 from common.broker.topology import Binding, ExchangeSpec, QueueSpec, Topology, dead_letter_queue_name
@@ -246,3 +247,63 @@ def test_a_worker_user_is_confined_and_its_user_id_is_validated(broker, config, 
         consumer.stop()
         worker_broker.close()
         delete_user(rabbitmq.node, worker)
+
+
+class _CountingReassembler(Reassembler):
+    """Counts the chunks it stores and calls ``after(n)`` after each one."""
+
+    def __init__(self, directory, after: Callable[[int], None] = lambda n: None) -> None:
+        super().__init__(directory)
+        self.stored = 0
+        self.after = after
+
+    def add(self, header: ChunkHeader, data: bytes | memoryview) -> CompletedTransfer | None:
+        result = super().add(header, data)
+        self.stored += 1
+        self.after(self.stored)
+        return result
+
+
+def test_a_consumer_restarted_mid_transfer_resumes_it(broker, config, queue):
+    body = os.urandom(40 * MIB)
+    expected = hashlib.sha256(body).hexdigest()
+    _send(broker, queue, body)
+    del body
+    digests: list[str] = []
+    three_stored = threading.Event()
+
+    def after(stored: int) -> None:
+        if stored >= 3:
+            three_stored.set()
+
+    first = _CountingReassembler(config.transfers_dir(queue), after)
+    consumer = _consume(config, queue, lambda d: digests.append("first run"), prefetch=1, reassembler=first)
+    assert three_stored.wait(WAIT_S)
+    consumer.stop()
+
+    second = _CountingReassembler(config.transfers_dir(queue))
+    restarted = _consume(
+        config, queue, lambda d: digests.append(hashlib.sha256(d.body).hexdigest()), reassembler=second
+    )
+    try:
+        _wait_for(lambda: len(digests) == 1, "the reassembled body")
+    finally:
+        restarted.stop()
+
+    assert digests == [expected]
+    assert second.stored < 10, "the restarted consumer fetched every chunk again instead of resuming"
+
+
+def test_the_publisher_reconnects_after_losing_its_connection(broker, config, queue, rabbitmq):
+    received: list[bytes] = []
+    _send(broker, queue, b"before")
+    rabbitmq.ctl("close_all_connections", "test: broker restarted")
+
+    _send(broker, queue, b"after")
+    consumer = _consume(config, queue, lambda d: received.append(d.body))
+    try:
+        _wait_for(lambda: len(received) == 2, "both messages")
+    finally:
+        consumer.stop()
+
+    assert received == [b"before", b"after"]
