@@ -113,7 +113,7 @@ _KIND_NAMES = {"int": "an integer", "float": "a number", "Path": "a path", "str"
 
 def _coerce(name: str, raw: Any, source: str) -> Any:
     """Convert one raw value (a string from the environment, or a TOML value) to the field's type."""
-    kind = _FIELDS[name].type
+    kind = str(_FIELDS[name].type)
     try:
         if kind == "Path":
             if not isinstance(raw, str | Path):

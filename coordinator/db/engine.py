@@ -155,6 +155,7 @@ def _is_connect_failure(err: exc.DBAPIError, lowered: str) -> bool:
         "connection failed",
         "timeout expired",
         "could not translate host name",
+        "failed to resolve host",
         "no such file or directory",
         "password authentication failed",
         "does not exist",

@@ -22,7 +22,8 @@ from alembic.util.exc import CommandError
 
 import migrations
 from common.errors import SchemaOutOfDateError, StorageError
-from coordinator.db.engine import Database, translate_errors
+from common.settings import Settings
+from coordinator.db.engine import Database, translate_errors, wait_for_database
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,20 @@ def require_current(db: Database) -> None:
     raise SchemaOutOfDateError(
         f"{db.description} is at revision {current} but this fedmq needs {head}: run `fedmq db upgrade`"
     )
+
+
+def open_checked(settings: Settings, *, wait_s: float = 0.0) -> Database:
+    """Start-up step for long-running processes: open the database, wait up to ``wait_s`` for it to
+    be reachable, and refuse an out-of-date schema (SchemaOutOfDateError says what to run)."""
+    db = Database.from_settings(settings)
+    try:
+        if wait_s > 0:
+            wait_for_database(db, wait_s)
+        require_current(db)
+    except BaseException:
+        db.dispose()
+        raise
+    return db
 
 
 def _script_config() -> Config:

@@ -54,6 +54,7 @@ from coordinator.db.models import (
     OutboxMessage,
     Round,
 )
+from coordinator.registry.diff import layer_diffs
 from coordinator.registry.records import LayerDiff, ModelInfo, StoredCode, VersionInfo
 from coordinator.registry.signer import Signer, sign_code, sign_version, version_manifest
 
@@ -323,31 +324,8 @@ class ModelRegistry:
             raise StorageError(f"weights of {name} v{version or 'latest'} do not decode: {err}") from err
 
     def diff(self, name: str, version_a: int, version_b: int) -> list[LayerDiff]:
-        """Per-array L2 norms of ``weights(b) - weights(a)``."""
-        a = self.weights(name, version_a)
-        b = self.weights(name, version_b)
-        out: list[LayerDiff] = []
-        for index in range(max(len(a), len(b))):
-            wa = a[index] if index < len(a) else np.zeros(0)
-            wb = b[index] if index < len(b) else np.zeros(0)
-            same = wa.shape == wb.shape and index < len(a) and index < len(b)
-            l2 = (
-                float(np.linalg.norm((wb.astype(np.float64) - wa.astype(np.float64)).ravel()))
-                if same
-                else None
-            )
-            base = float(np.linalg.norm(wa.astype(np.float64).ravel())) if same else 0.0
-            out.append(
-                LayerDiff(
-                    index=index,
-                    shape_a=tuple(wa.shape),
-                    shape_b=tuple(wb.shape),
-                    dtype=str(wb.dtype if index < len(b) else wa.dtype),
-                    l2=l2,
-                    relative=(l2 / base) if l2 is not None and base > 0 else None,
-                )
-            )
-        return out
+        """Per-array L2 norms of ``weights(b) - weights(a)`` (see :func:`layer_diffs`)."""
+        return layer_diffs(self.weights(name, version_a), self.weights(name, version_b))
 
     # ------------------------------------------------------------------------------------ helpers
 
