@@ -82,13 +82,20 @@ class StubConsumer(MessageConsumer):
 
 
 class StubBroker(Broker):
-    """In-memory broker; ``user_id`` plays the authenticated user stamped on every message."""
+    """In-memory broker; ``user_id`` plays the authenticated user stamped on every message.
+
+    Reassembled transfers go to ``spill_dir`` (else the config's, else a temp dir removed on close).
+    """
 
     def __init__(
         self, config: BrokerConfig | None = None, spill_dir: Path | None = None, user_id: str = "stub"
     ):
-        base = spill_dir or Path(tempfile.mkdtemp(prefix="fedmq-stub-"))
-        self.config = config or BrokerConfig(spill_dir=base)
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        config = config or BrokerConfig()
+        if spill_dir is None and config.spill_dir is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="fedmq-stub-")
+            spill_dir = Path(self._tempdir.name)
+        self.config = replace(config, spill_dir=spill_dir) if spill_dir is not None else config
         self.user_id = user_id
         self.exchanges: dict[str, ExchangeType] = {"": "direct"}
         self.bindings: dict[str, list[tuple[str, str]]] = {}
@@ -211,3 +218,5 @@ class StubBroker(Broker):
         for stub_queue in self.queues.values():
             if stub_queue.consumer is not None:
                 stub_queue.consumer.stop()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()

@@ -196,3 +196,13 @@ def test_a_fanout_reaches_every_bound_queue(broker):
 
     assert len(broker.messages("other")) == 1
     assert len(broker.messages("third")) == 1
+
+
+def test_a_stub_without_a_spill_dir_cleans_up_after_itself():
+    stub = StubBroker()
+    spill_dir = stub.config.spill_dir
+    assert spill_dir is not None and spill_dir.exists()
+
+    stub.close()
+
+    assert not spill_dir.exists()
