@@ -12,9 +12,10 @@ Tables (see docs/registry.md for the picture):
 - ``blobs`` / ``blob_chunks``: large byte strings (weights, deltas, job inputs, big outbox bodies)
   stored as fixed-size chunks, so writing and reading a 100 MB frame never needs a second full copy
   in the driver. Written once.
-- ``workers``, ``rounds``, ``tasks``, ``deltas``, ``jobs`` and ``outbox``: the state the messaging layer
-  keeps (round state, quorum, deadline; one task id per expected delta; delta status and rejection
-  reason; worker credentials fingerprint and last seen; the transactional outbox).
+- ``runs``, ``workers``, ``rounds``, ``tasks``, ``deltas``, ``jobs`` and ``outbox``: the state the
+  messaging layer keeps (a submitted run and its options; round state, quorum, deadline; one task id
+  per expected delta; delta status and rejection reason; worker credentials fingerprint and last
+  seen; the transactional outbox).
 
 The metadata carries a naming convention so Alembic migrations get stable constraint names. Every
 change here needs a migration in ``migrations/versions`` (a test compares them).
@@ -87,7 +88,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON()}
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON(), list[str]: JSON()}
 
 
 class Model(Base):
@@ -168,6 +169,30 @@ class Worker(Base):
     info: Mapped[dict[str, Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[dt.datetime | None]
+
+
+class Run(Base):
+    """A submitted training run: R synchronous rounds (or an asynchronous run) of one model."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64), unique=True)
+    model_pk: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    mode: Mapped[str] = mapped_column(String(16), default="sync")
+    rounds_total: Mapped[int] = mapped_column(Integer, default=1)
+    rounds_done: Mapped[int] = mapped_column(Integer, default=0)
+    min_workers: Mapped[int] = mapped_column(Integer, default=1)
+    fraction: Mapped[float] = mapped_column(Float, default=1.0)
+    workers: Mapped[list[str] | None]
+    deadline_s: Mapped[float] = mapped_column(Float)
+    strategy: Mapped[str] = mapped_column(String(64), default="fedavg")
+    strategy_options: Mapped[dict[str, Any] | None]
+    train_options: Mapped[dict[str, Any] | None]
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]
 
 
 class Round(Base):
