@@ -33,6 +33,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import (
+    ConfigError,
     DatabaseLockedError,
     DatabaseUnavailableError,
     FedmqError,
@@ -71,6 +72,10 @@ def create_db_engine(settings: Settings) -> Engine:
         return _sqlite_engine(url, settings.db_busy_timeout_s)
     if url.get_backend_name() == "postgresql":
         lock_ms = int(settings.db_busy_timeout_s * 1000)
+        try:
+            import psycopg  # noqa: F401  (SQLAlchemy imports it lazily; fail here with a clear message)
+        except ImportError as err:
+            raise ConfigError("PostgreSQL needs psycopg 3: pip install 'fedmq[postgres]'") from err
         return create_engine(
             url,
             pool_pre_ping=True,
