@@ -45,11 +45,26 @@ class DevNode:
     port: int
     dist_port: int
     pid: int = 0
+    tls_port: int = 0
 
     @property
     def amqp_url(self) -> str:
         """The URL clients use (the node's default ``guest`` user, allowed from loopback)."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def amqps_url(self) -> str | None:
+        """The TLS URL when the node was started with TLS files, else ``None``."""
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/%2F" if self.tls_port else None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener: the CA that signs client certificates, the server's pair."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
 
 
 def free_port() -> int:
@@ -95,13 +110,28 @@ def _node_env(node: DevNode) -> dict[str, str]:
     return env
 
 
-def _write_layout(node: DevNode) -> None:
+def _tls_config(node: DevNode, tls: TlsFiles) -> str:
+    """Copy the TLS files into the node directory; return the rabbitmq.conf lines using them."""
+    target = Path(node.directory) / "tls"
+    target.mkdir(exist_ok=True)
+    names = {"cacertfile": tls.ca_file, "certfile": tls.cert_file, "keyfile": tls.key_file}
+    lines = [f"listeners.ssl.default = 127.0.0.1:{node.tls_port}"]
+    for key, source in names.items():
+        copy = target / f"{key}.pem"
+        shutil.copyfile(source, copy)
+        lines.append(f"ssl_options.{key} = {copy}")
+    lines += ["ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = false"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_layout(node: DevNode, tls: TlsFiles | None) -> None:
     base = Path(node.directory)
     for sub in ("mnesia", "log"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    (base / "rabbitmq.conf").write_text(
-        f"max_message_size = {MAX_MESSAGE_SIZE}\nloopback_users.guest = true\nlog.console = false\n"
-    )
+    conf = f"max_message_size = {MAX_MESSAGE_SIZE}\nloopback_users.guest = true\nlog.console = false\n"
+    if tls is not None:
+        conf += _tls_config(node, tls)
+    (base / "rabbitmq.conf").write_text(conf)
     plugins = base / "mnesia" / "plugins"
     if not plugins.exists():
         plugins.write_text("[].\n")
@@ -179,11 +209,20 @@ def status(directory: str | Path) -> DevNode | None:
     return node
 
 
-def start(directory: str | Path, port: int | None = None, timeout: float = 90.0) -> DevNode:
+def start(
+    directory: str | Path,
+    port: int | None = None,
+    timeout: float = 90.0,
+    tls: TlsFiles | None = None,
+    tls_port: int | None = None,
+) -> DevNode:
     """Start (or find running) a private node in ``directory``; wait until it accepts clients.
 
     ``port`` is the AMQP port (a free one when ``None``); the Erlang distribution port is another
-    free port. The node keeps running after this process exits; stop it with :func:`stop`.
+    free port. With ``tls``, the node also listens for AMQPS on ``tls_port`` (a free one when
+    ``None``), verifying client certificates against ``tls.ca_file`` when a client presents one.
+    A directory that held a node before keeps its node name (so its data) and, when free, its port.
+    The node keeps running after this process exits; stop it with :func:`stop`.
     """
     base = Path(directory).resolve()
     running = status(base)
@@ -206,9 +245,10 @@ def start(directory: str | Path, port: int | None = None, timeout: float = 90.0)
         nodename=prior.nodename if prior is not None else f"fedmq-{amqp_port}@localhost",
         port=amqp_port,
         dist_port=free_port(),
+        tls_port=0 if tls is None else (tls_port or free_port()),
     )
     base.mkdir(parents=True, exist_ok=True)
-    _write_layout(node)
+    _write_layout(node, tls)
     log_path = base / "startup.log"
     logger.info("starting RabbitMQ node %s on port %d in %s", node.nodename, node.port, base)
     with open(log_path, "ab") as log:

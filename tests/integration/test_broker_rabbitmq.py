@@ -15,10 +15,11 @@ import pytest
 from common.broker import BrokerConfig, Delivery, OutgoingMessage, RabbitmqBroker
 from common.broker.admin import add_user, delete_user, set_permissions
 from common.broker.chunks import ChunkHeader, CompletedTransfer, Reassembler
+from common.broker.connection import connect
 from common.broker.consumer import Consumer
 from common.broker.message import REASON_HEADER
 from common.broker.topology import Binding, ExchangeSpec, QueueSpec, Topology, dead_letter_queue_name
-from common.errors import BrokerAccessRefusedError, UnroutableMessageError
+from common.errors import BrokerAccessRefusedError, BrokerUnreachableError, UnroutableMessageError
 
 pytestmark = pytest.mark.integration
 
@@ -307,3 +308,31 @@ def test_the_publisher_reconnects_after_losing_its_connection(broker, config, qu
         consumer.stop()
 
     assert received == [b"before", b"after"]
+
+
+def test_a_tls_connection_verifies_the_broker_and_presents_a_client_certificate(config, queue, rabbitmq):
+    tls_config = BrokerConfig(
+        **{
+            **vars(config),
+            "amqp_url": rabbitmq.amqps_url,
+            "tls_ca_file": str(rabbitmq.pki.ca_file),
+            "tls_cert_file": str(rabbitmq.pki.client_cert),
+            "tls_key_file": str(rabbitmq.pki.client_key),
+        }
+    )
+    received: list[bytes] = []
+    tls_broker = RabbitmqBroker(tls_config, name="tls")
+    consumer = _consume(tls_config, queue, lambda d: received.append(d.body))
+    try:
+        tls_broker.publish(OutgoingMessage(f"{queue}.ex", "key", b"over TLS"))
+        _wait_for(lambda: received == [b"over TLS"], "the message over TLS")
+    finally:
+        consumer.stop()
+        tls_broker.close()
+
+
+def test_a_broker_whose_certificate_is_not_trusted_is_refused(config, rabbitmq):
+    untrusting = BrokerConfig(**{**vars(config), "amqp_url": rabbitmq.amqps_url, "tls_ca_file": None})
+
+    with pytest.raises(BrokerUnreachableError, match=r"(?i)certificate|ssl"):
+        connect(untrusting, "untrusting")
