@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -188,6 +189,15 @@ class TestRegistry:
         assert [v.version for v in registry.versions("digits")] == [1]
         with db.session() as session:
             assert session.execute(text("SELECT count(*) FROM blobs")).scalar() == 1
+
+    def test_concurrent_writers_get_distinct_version_numbers(self, registry: ModelRegistry):
+        registry.register("digits", CODE, weights(0))
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            stored = list(pool.map(lambda seed: registry.add_version("digits", weights(seed)), range(1, 9)))
+
+        assert sorted(v.version for v in stored) == list(range(2, 10))
+        assert [v.version for v in registry.versions("digits")] == list(range(1, 10))
 
     def test_a_100_mb_version_round_trips_within_2_5x_its_size(self, registry: ModelRegistry):
         big = [np.random.default_rng(0).random(25 * 1024 * 1024, dtype=np.float32).reshape(-1, 1024)]
