@@ -336,3 +336,30 @@ def test_a_broker_whose_certificate_is_not_trusted_is_refused(config, rabbitmq):
 
     with pytest.raises(BrokerUnreachableError, match=r"(?i)certificate|ssl"):
         connect(untrusting, "untrusting")
+
+
+def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dead_letter_queue(broker, config, rabbitmq):
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare(_topology(name, delivery_limit=2))
+    deliveries: list[int] = []
+    dead: list[Delivery] = []
+
+    def crashing(delivery: Delivery) -> None:
+        deliveries.append(delivery.attempts)
+        rabbitmq.ctl("close_all_connections", "test: the consumer process died")
+
+    _send(broker, name, b"kills the worker")
+    consumer = _consume(config, name, crashing)
+    try:
+        _wait_for(lambda: len(deliveries) == 3, "three deliveries")
+    finally:
+        consumer.stop()
+    dlq_consumer = _consume(config, dead_letter_queue_name(name), dead.append)
+    try:
+        _wait_for(lambda: len(dead) == 1, "the broker to dead-letter the message")
+    finally:
+        dlq_consumer.stop()
+
+    assert deliveries == [1, 2, 3]
+    assert dead[0].body == b"kills the worker"
+    assert [d["reason"] for d in dead[0].headers["x-death"]] == ["delivery_limit"]
