@@ -12,7 +12,8 @@ the handler and classifies its outcome:
 
 Attempts come from the broker's ``x-delivery-count`` on quorum queues (which also counts deliveries
 to consumers that crashed); on classic queues the processor counts failures itself, per message,
-for as long as it lives.
+for as long as it lives. Transfers that stopped receiving chunks are dropped, at most once a
+minute, after the reassembler's ``stale_after_s``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Delivery], None]
 _MAX_TRACKED = 10_000
+_EXPIRY_INTERVAL_S = 60.0
 
 
 class Outcome(enum.Enum):
@@ -85,6 +88,14 @@ class DeliveryProcessor:
         self.reassembler = reassembler
         self.max_attempts = max_attempts
         self._failures: OrderedDict[str, int] = OrderedDict()
+        self._next_expiry = 0.0
+
+    def _expire_stale_transfers(self) -> None:
+        """Drop transfers that lost a chunk, at most once a minute (the reassembler logs each)."""
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + _EXPIRY_INTERVAL_S
+            self.reassembler.expire()
 
     def _key(self, raw: RawDelivery, chunk: ChunkHeader | None) -> str:
         if chunk is not None:
@@ -107,6 +118,7 @@ class DeliveryProcessor:
 
     def process(self, raw: RawDelivery) -> Decision:
         """Decide what to do with ``raw``; the handler runs here, in the caller's thread."""
+        self._expire_stale_transfers()
         try:
             chunk = ChunkHeader.from_headers(raw.headers)
         except DecodeError as exc:
