@@ -16,6 +16,9 @@ sha256 is checked and a :class:`CompletedTransfer` returned; after the message i
 A transfer that is discarded (bad sha256, damaged state, stale) is remembered too: its later chunks
 raise :class:`TransferError`, so the consumer dead-letters them with the reason instead of dropping
 them. Transfers that stop receiving chunks (a lost chunk) are dropped by :meth:`Reassembler.expire`.
+
+All chunks of a transfer must reach the same reassembler: a queue that receives chunked bodies has
+one consumer at a time (per-worker queues, single-active-consumer coordinator queues).
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ class Reassembler:
     def _discarded_marker(self, transfer_id: str) -> Path:
         return (self.directory / transfer_id).with_suffix(".discarded")
 
-    def _load_state(self, header: ChunkHeader) -> set[int] | None:
+    def _load_state(self, header: ChunkHeader, sender: str | None) -> set[int] | None:
         part, meta, _ = self._paths(header.transfer_id)
         if not meta.exists():
             return None
@@ -192,6 +195,7 @@ class Reassembler:
             state = json.loads(meta.read_text())
             known = ChunkHeader(**{**state["header"], "index": 0})
             received = {int(i) for i in state["received"]}
+            started_by = state.get("sender")
             if not part.exists() or part.stat().st_size != known.total_size:
                 raise ValueError("data file missing or of the wrong size")
         except (OSError, ValueError, KeyError, TypeError, TransferError) as exc:
@@ -200,14 +204,22 @@ class Reassembler:
             return None
         if not known.same_transfer(header):
             raise TransferError(f"chunk of transfer {header.transfer_id} disagrees with earlier chunks")
+        if started_by != sender:
+            raise TransferError(
+                f"chunk of transfer {header.transfer_id} sent by {sender!r}, not by {started_by!r} who started it"
+            )
         return received
 
-    def add(self, header: ChunkHeader, data: bytes | memoryview) -> CompletedTransfer | None:
+    def add(
+        self, header: ChunkHeader, data: bytes | memoryview, sender: str | None = None
+    ) -> CompletedTransfer | None:
         """Store one chunk; return the verified transfer once every chunk is in, else ``None``.
 
-        Duplicates are harmless (a duplicate of a finished transfer is ignored). Raises
-        :class:`TransferError` for a chunk of the wrong length, conflicting framing, a body over
-        ``max_transfer_size``, or — on completion — a sha256 mismatch (the transfer is discarded).
+        ``sender`` is the broker-validated ``user_id`` of the chunk: every chunk of a transfer must
+        come from the user who sent its first one. Duplicates are harmless (a duplicate of a finished
+        transfer is ignored). Raises :class:`TransferError` for a chunk of the wrong length or from
+        another sender, conflicting framing, a body over ``max_transfer_size``, or — on completion —
+        a sha256 mismatch (the transfer is discarded).
         """
         part, meta, done = self._paths(header.transfer_id)
         if done.exists():
@@ -223,7 +235,7 @@ class Reassembler:
             raise TransferError(
                 f"chunk {header.index} has {len(data)} bytes, expected {header.expected_length}"
             )
-        received = self._load_state(header)
+        received = self._load_state(header, sender)
         if received is None and self._discarded_marker(header.transfer_id).exists():
             raise TransferError(
                 f"transfer {header.transfer_id} was damaged and discarded; chunk {header.index} refused"
@@ -244,6 +256,7 @@ class Reassembler:
             state = {
                 "header": {k: v for k, v in vars(header).items() if k != "index"},
                 "received": sorted(received),
+                "sender": sender,
             }
             _fsync_write(meta, json.dumps(state))
         if len(received) < header.count:

@@ -130,7 +130,7 @@ class DeliveryProcessor:
             delivery_fields = {"data": raw.body, "size": len(raw.body)}
         else:
             try:
-                completed = self.reassembler.add(chunk, raw.body)
+                completed = self.reassembler.add(chunk, raw.body, raw.user_id)
             except DecodeError as exc:
                 logger.warning("queue %s: rejecting chunk: %s", self.queue, exc)
                 return Decision(Outcome.DEAD_LETTER, _describe(exc), attempts)

@@ -119,6 +119,17 @@ def test_chunks_that_disagree_about_the_transfer_are_refused(tmp_path):
         reassembler.add(liar, chunks[1][1])
 
 
+def test_a_chunk_from_another_sender_cannot_join_a_transfer(tmp_path):
+    chunks = _chunks(os.urandom(3 * CHUNK))
+    reassembler = Reassembler(tmp_path)
+    reassembler.add(*chunks[0], sender="worker-1")
+
+    with pytest.raises(TransferError, match="worker-2"):
+        reassembler.add(*chunks[1], sender="worker-2")
+    assert reassembler.add(*chunks[1], sender="worker-1") is None
+    assert reassembler.add(*chunks[2], sender="worker-1") is not None
+
+
 def test_a_body_over_the_limit_is_refused_before_anything_is_written(tmp_path):
     header, data = _chunks(os.urandom(3 * CHUNK))[0]
 
