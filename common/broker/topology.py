@@ -31,6 +31,10 @@ RESULTS_QUEUE = "fedmq.results"
 TASKS_EXCHANGE = "fedmq.tasks"
 RELEASES_EXCHANGE = "fedmq.releases"
 FETCH_QUEUE = "fedmq.fetch"
+#: The one exchange workers may write to; routes results and fetch requests to the coordinator.
+RESULTS_EXCHANGE = "fedmq.results"
+RESULTS_ROUTE = "results"
+FETCH_ROUTE = "fetch"
 
 ExchangeType = Literal["direct", "fanout", "topic", "headers"]
 QueueKind = Literal["quorum", "classic"]
@@ -134,13 +138,21 @@ def fedmq_topology(worker_ids: tuple[str, ...] = ()) -> Topology:
     """The coordinator's and the given workers' exchanges and queues (see DESIGN.md)."""
     queues = [
         QueueSpec(CONTROL_QUEUE, single_active_consumer=True),
-        QueueSpec(RESULTS_QUEUE, single_active_consumer=True),
-        QueueSpec(FETCH_QUEUE, single_active_consumer=True),
+        QueueSpec(
+            RESULTS_QUEUE, single_active_consumer=True, bindings=(Binding(RESULTS_EXCHANGE, RESULTS_ROUTE),)
+        ),
+        QueueSpec(
+            FETCH_QUEUE, single_active_consumer=True, bindings=(Binding(RESULTS_EXCHANGE, FETCH_ROUTE),)
+        ),
     ]
     for worker in worker_ids:
         queues.append(QueueSpec(worker_task_queue(worker), bindings=(Binding(TASKS_EXCHANGE, worker),)))
         queues.append(QueueSpec(worker_release_queue(worker), bindings=(Binding(RELEASES_EXCHANGE),)))
-    exchanges = (ExchangeSpec(TASKS_EXCHANGE, "direct"), ExchangeSpec(RELEASES_EXCHANGE, "fanout"))
+    exchanges = (
+        ExchangeSpec(TASKS_EXCHANGE, "direct"),
+        ExchangeSpec(RELEASES_EXCHANGE, "fanout"),
+        ExchangeSpec(RESULTS_EXCHANGE, "direct"),
+    )
     return Topology(exchanges, tuple(queues))
 
 

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from common.errors import FedmqError
-from coordinator.cli import bench, db, demo, keys, models
+from coordinator.cli import bench, daemons, db, demo, dev, keys, models, rounds, workers
 
 app = typer.Typer(
     name="fedmq",
@@ -28,6 +28,11 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(demo.app, name="demo")
 app.add_typer(db.app, name="db")
 app.add_typer(models.app, name="models")
+app.add_typer(daemons.coordinator_app, name="coordinator")
+app.add_typer(daemons.worker_app, name="worker")
+app.add_typer(rounds.app, name="rounds")
+app.add_typer(workers.app, name="workers")
+app.add_typer(dev.app, name="dev")
 
 
 @app.callback()

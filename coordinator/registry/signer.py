@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
-import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import KeyFileError, PayloadMismatchError
 from common.keyfiles import key_pair_paths, load_private_key
+from common.release import CODE_ENVELOPE_VERSION, KIND_MODEL_WEIGHTS, parse_manifest
 from common.settings import Settings
 from common.signing import KIND_MODEL_CODE, open_envelope, seal
-
-KIND_MODEL_WEIGHTS: Final = "model-weights"
-CODE_ENVELOPE_VERSION: Final = 0
 
 
 class Signer(Protocol):
@@ -54,24 +51,6 @@ class KeySigner:
         return cls(load_private_key(private_path))
 
 
-def version_manifest(
-    model: str, version: int, parent: int | None, weights_sha256: str, weights_size: int, code_sha256: str
-) -> bytes:
-    """The deterministic bytes signed for one version."""
-    body = {
-        "v": 1,
-        "type": "model-weights",
-        "model": model,
-        "version": version,
-        "parent": parent,
-        "sha256": weights_sha256,
-        "size": weights_size,
-        "code_sha256": code_sha256,
-    }
-    packed: bytes = msgpack.packb(dict(sorted(body.items())), use_bin_type=True)
-    return packed
-
-
 def sign_code(signer: Signer, model: str, code: bytes) -> bytes:
     return signer.sign(code, kind=KIND_MODEL_CODE, model=model, version=CODE_ENVELOPE_VERSION)
 
@@ -90,7 +69,7 @@ def verify_version(
     _header, payload = open_envelope(
         envelope, public_key, expected_kind=KIND_MODEL_WEIGHTS, expected_model_id=model
     )
-    manifest: dict[str, Any] = msgpack.unpackb(bytes(payload), raw=False)
+    manifest = parse_manifest(payload)
     if manifest.get("version") != version:
         raise PayloadMismatchError(f"signed manifest is for version {manifest.get('version')}, not {version}")
     if hashlib.sha256(frame).hexdigest() != manifest.get("sha256"):

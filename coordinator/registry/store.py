@@ -42,6 +42,7 @@ from common.errors import (
     StorageError,
 )
 from common.model.bundle import ModelCode
+from common.release import version_manifest
 from coordinator.db.blobs import delete_blobs, read_blob, write_blob
 from coordinator.db.engine import Database
 from coordinator.db.models import (
@@ -56,7 +57,7 @@ from coordinator.db.models import (
 )
 from coordinator.registry.diff import layer_diffs
 from coordinator.registry.records import LayerDiff, ModelInfo, StoredCode, VersionInfo
-from coordinator.registry.signer import Signer, sign_code, sign_version, version_manifest
+from coordinator.registry.signer import Signer, sign_code, sign_version
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +327,36 @@ class ModelRegistry:
     def diff(self, name: str, version_a: int, version_b: int) -> list[LayerDiff]:
         """Per-array L2 norms of ``weights(b) - weights(a)`` (see :func:`layer_diffs`)."""
         return layer_diffs(self.weights(name, version_a), self.weights(name, version_b))
+
+    def store_version_in(
+        self,
+        session: Session,
+        model: Model,
+        weights: Sequence[np.ndarray],
+        *,
+        parent: ModelVersion,
+        round_id: int | None = None,
+        strategy: str | None = None,
+        strategy_config: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Store the next version inside the caller's transaction (the round engine closes the round
+        that made it in the same commit, so a crash never leaves a version without its round)."""
+        count, _, layout = layout_of(weights)
+        if layout != parent.layout_sha256:
+            raise IncompatibleModelError(
+                f"weights do not match {model.name} v{parent.version}: {count} arrays or their shapes/dtypes differ"
+            )
+        return self._store_version(
+            session,
+            model,
+            weights,
+            parent=parent,
+            round_id=round_id,
+            strategy=strategy,
+            strategy_config=strategy_config,
+            metrics=metrics,
+        )
 
     # ------------------------------------------------------------------------------------ helpers
 

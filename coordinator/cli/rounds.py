@@ -1,0 +1,212 @@
+"""``fedmq rounds``: start training runs through the control queue, follow and cancel them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from common.errors import ConfigError
+from common.messages import CancelRun, StartRun
+from common.settings import load_settings
+from coordinator.control import new_id, submit
+from coordinator.db import Database, require_current
+from coordinator.reports import RunView, list_runs, run_view
+
+app = typer.Typer(help="Start, follow, list and cancel training runs.", no_args_is_help=True)
+_console = Console(highlight=False)
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``1h`` -> seconds."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a duration (examples: 90s, 10m, 1h)") from None
+    if value <= 0:
+        raise ConfigError("a deadline must be positive")
+    return value
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """``k=v`` pairs; values parsed as JSON when they can be (numbers, true/false), else strings."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"option {pair!r} is not key=value")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _db() -> Database:
+    db = Database.from_settings(load_settings())
+    require_current(db)
+    return db
+
+
+def render_run(view: RunView) -> Table:
+    table = Table(
+        title=f"run {view.run_id}: {view.model}, {view.state} ({view.rounds_done}/{view.rounds_total} rounds)"
+    )
+    for column in ("round", "state", "base", "new", "deltas (accepted/answered/tasks)", "accuracy", "note"):
+        table.add_column(column)
+    for r in view.rounds:
+        accuracy = r.metrics.get("eval_accuracy", r.metrics.get("workers_local_accuracy_after"))
+        rejected = [d for d in r.deltas if d.status == "rejected"]
+        note = r.reason or "; ".join(f"{d.worker}: {d.reason}" for d in rejected)
+        table.add_row(
+            str(r.number),
+            r.state,
+            f"v{r.base_version}",
+            f"v{r.result_version}" if r.result_version else "",
+            f"{r.accepted}/{r.answered}/{r.tasks}",
+            f"{accuracy:.3f}" if isinstance(accuracy, float) else "",
+            note,
+        )
+    return table
+
+
+def follow(run_id: str, poll_s: float = 0.5, timeout_s: float | None = None) -> RunView:
+    """Show live progress until the run ends (or ``timeout_s``); return its final view."""
+    db = _db()
+    started = time.monotonic()
+    try:
+        view = None
+        with Live(console=_console, refresh_per_second=4) as live:
+            while True:
+                try:
+                    view = run_view(db, run_id)
+                except Exception:  # not recorded yet: the coordinator has not consumed it
+                    view = None
+                live.update(
+                    render_run(view) if view else Group(f"waiting for the coordinator to start {run_id}…")
+                )
+                if view is not None and view.state != "running":
+                    return view
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    if view is None:
+                        raise ConfigError(
+                            f"run {run_id} was not started within {timeout_s:.0f} s: is the coordinator running?"
+                        )
+                    return view
+                time.sleep(poll_s)
+    finally:
+        db.dispose()
+
+
+@app.command("start")
+def start_command(
+    model: str = typer.Argument(..., help="The registered model to train."),
+    rounds: int = typer.Option(1, "--rounds", "-r", min=1, help="Number of rounds."),
+    min_workers: int = typer.Option(
+        1, "--min-workers", "-k", min=1, help="Deltas needed to aggregate a round."
+    ),
+    deadline: str = typer.Option(
+        "10m", "--deadline", help="How long a round waits for deltas (90s, 10m, 1h)."
+    ),
+    fraction: float = typer.Option(1.0, "--fraction", help="Fraction of live workers to ask each round."),
+    worker: list[str] = typer.Option([], "--worker", "-w", help="Ask only these workers (repeatable)."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="Aggregation strategy."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Strategy option key=value (repeatable)."),
+    train: list[str] = typer.Option([], "--train", help="Worker training option key=value, e.g. epochs=2."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the run's progress until it ends."),
+) -> None:
+    """Submit a training run to the coordinator (through the control queue).
+
+    Example: fedmq rounds start digits --rounds 10 --min-workers 3 --deadline 5m --train epochs=2 --wait
+    """
+    from coordinator.strategies import get_strategy
+
+    options = parse_options(option)
+    get_strategy(strategy, options)
+    run_id = new_id()
+    message = StartRun(
+        run_id=run_id,
+        model=model,
+        rounds=rounds,
+        min_workers=min_workers,
+        deadline_s=parse_duration(deadline),
+        fraction=fraction,
+        workers=list(worker),
+        strategy=strategy,
+        options=options,
+        train=parse_options(train),
+    )
+    submit(load_settings(), message)
+    _console.print(f"run [bold]{run_id}[/] submitted: {rounds} rounds of {model}")
+    if wait:
+        view = follow(run_id)
+        if view.state != "completed":
+            raise typer.Exit(1)
+
+
+@app.command("list")
+def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List runs, newest first.
+
+    Example: fedmq rounds list
+    """
+    db = _db()
+    try:
+        runs = list_runs(db)
+    finally:
+        db.dispose()
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in runs], indent=2))
+        return
+    table = Table("run", "model", "state", "rounds", "strategy", "reason")
+    for r in runs:
+        table.add_row(
+            r.run_id, r.model, r.state, f"{r.rounds_done}/{r.rounds_total}", r.strategy, r.reason or ""
+        )
+    _console.print(table)
+
+
+@app.command("show")
+def show_command(
+    run_id: str = typer.Argument(..., help="The run id printed by `fedmq rounds start`."),
+    watch: bool = typer.Option(False, "--watch", help="Follow live progress until the run ends."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with every delta and rejection reason)."),
+) -> None:
+    """Show a run's rounds: deltas received, accepted and rejected (with reasons), accuracy.
+
+    Example: fedmq rounds show 3f2a9c1d0b7e --watch
+    """
+    if watch:
+        follow(run_id)
+        return
+    db = _db()
+    try:
+        view = run_view(db, run_id)
+    finally:
+        db.dispose()
+    if as_json:
+        typer.echo(json.dumps(view.to_json(), indent=2))
+    else:
+        _console.print(render_run(view))
+
+
+@app.command("cancel")
+def cancel_command(
+    run_id: str = typer.Argument(..., help="The run to cancel."),
+    reason: str = typer.Option("cancelled by an admin", "--reason", help="Recorded with the run."),
+) -> None:
+    """Cancel a run: its open round stops and no further round starts.
+
+    Example: fedmq rounds cancel 3f2a9c1d0b7e --reason "wrong data"
+    """
+    submit(load_settings(), CancelRun(run_id=run_id, reason=reason))
+    _console.print(f"cancellation of run [bold]{run_id}[/] submitted")

@@ -1,0 +1,452 @@
+"""Round state in SQL: runs, rounds, tasks, deltas — every step one transaction.
+
+The broker is transport; this module is the source of truth. Each public method of
+:class:`RoundEngine` runs in one database transaction that also writes the messages it wants sent
+to the outbox (a relay publishes them after commit), so a crash at any moment leaves either the
+state before the step or the state after it, never half of it:
+
+- ``start_run``: a run, its first round, one task per chosen worker, and the task messages.
+- ``record_delta``: a delta is validated, stored and marked accepted (or rejected with its reason)
+  together with its task; a second delivery of the same task's delta changes nothing.
+- ``advance``: a round whose rule is met (every task answered, or the deadline passed with a
+  quorum) is aggregated with its strategy into the next version, stored with its lineage, closed,
+  announced (release message), and the run's next round opened — all in one transaction. A round
+  past its deadline without a quorum fails with that reason, and so does its run.
+
+Idempotency keys: the run id (a resubmitted StartRun is ignored), the task id (one delta per task),
+the round's state checked under the round's row lock before aggregating.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from common import codec
+from common.broker.topology import RELEASES_EXCHANGE, TASKS_EXCHANGE
+from common.errors import ConfigError, DecodeError, NotFoundError
+from common.messages import CancelRun, DeltaReport, StartRun, TaskFailed, TrainTask
+from coordinator.db.blobs import read_blob, write_blob
+from coordinator.db.engine import Database
+from coordinator.db.models import Delta, Model, ModelVersion, OutboxMessage, Round, Run, Task, Worker
+from coordinator.registry import ModelRegistry
+from coordinator.strategies import get_strategy
+from coordinator.validation import DeltaPolicy, DeltaRejectedError, validate_delta
+
+logger = logging.getLogger(__name__)
+
+RUN_RUNNING, RUN_COMPLETED, RUN_FAILED, RUN_CANCELLED = "running", "completed", "failed", "cancelled"
+ROUND_OPEN, ROUND_CLOSED, ROUND_FAILED, ROUND_CANCELLED = "open", "closed", "failed", "cancelled"
+TASK_PENDING, TASK_DONE, TASK_FAILED = "pending", "done", "failed"
+DELTA_ACCEPTED, DELTA_REJECTED, DELTA_AGGREGATED = "accepted", "rejected", "aggregated"
+RELEASE_HEADER = "x-fedmq-release"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class DeltaOutcome:
+    """What became of one delivered delta."""
+
+    status: str  # accepted | duplicate | rejected
+    reason: str = ""
+    round_id: int | None = None
+
+
+def release_outbox_row(model: str, version: int) -> OutboxMessage:
+    """An outbox row announcing a version; the relay builds the (large) body when it publishes."""
+    return OutboxMessage(
+        message_id=f"release-{model}-{version}",
+        exchange=RELEASES_EXCHANGE,
+        routing_key="",
+        headers={RELEASE_HEADER: [model, version]},
+        body=None,
+    )
+
+
+class RoundEngine:
+    """The coordinator's round logic over SQL (see the module docstring)."""
+
+    def __init__(
+        self,
+        db: Database,
+        registry: ModelRegistry,
+        policy: DeltaPolicy | None = None,
+        worker_timeout_s: float = 300.0,
+        clock: Callable[[], dt.datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.db = db
+        self.registry = registry
+        self.policy = policy or DeltaPolicy()
+        self.worker_timeout_s = worker_timeout_s
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._base_cache: dict[int, list[np.ndarray]] = {}
+
+    # -------------------------------------------------------------------------------- runs
+
+    def start_run(self, msg: StartRun) -> bool:
+        """Record a run and open its first round. False when the run id is already known."""
+        get_strategy(msg.strategy, msg.options)  # ConfigError before anything is written
+        if msg.rounds < 1 or msg.min_workers < 1 or not 0 < msg.fraction <= 1 or msg.deadline_s <= 0:
+            raise ConfigError("rounds and min_workers must be >= 1, fraction in (0, 1], deadline positive")
+        if msg.mode != "sync":
+            raise ConfigError(f"mode {msg.mode!r} is not supported yet; use sync")
+        with self.db.session(write=True) as session:
+            if session.scalar(select(Run.id).where(Run.run_id == msg.run_id)) is not None:
+                logger.info("run %s already recorded; ignoring the duplicate submission", msg.run_id)
+                return False
+            model = session.scalar(select(Model).where(Model.name == msg.model))
+            if model is None:
+                raise NotFoundError(f"model {msg.model!r} does not exist")
+            run = Run(
+                run_id=msg.run_id,
+                model_pk=model.id,
+                state=RUN_RUNNING,
+                mode=msg.mode,
+                rounds_total=msg.rounds,
+                min_workers=msg.min_workers,
+                fraction=msg.fraction,
+                workers=list(msg.workers),
+                deadline_s=msg.deadline_s,
+                strategy=msg.strategy,
+                strategy_options=dict(msg.options),
+                train_options=dict(msg.train),
+            )
+            session.add(run)
+            session.flush()
+            base = self._latest_active_version(session, model)
+            self._open_round(session, run, model, base, number=1)
+        logger.info("run %s: %d rounds of %s started", msg.run_id, msg.rounds, msg.model)
+        return True
+
+    def cancel_run(self, msg: CancelRun) -> bool:
+        with self.db.session(write=True) as session:
+            run = session.scalar(select(Run).where(Run.run_id == msg.run_id))
+            if run is None:
+                raise NotFoundError(f"run {msg.run_id!r} does not exist")
+            if run.state != RUN_RUNNING:
+                return False
+            run.state, run.reason, run.finished_at = RUN_CANCELLED, msg.reason, self.clock()
+            session.execute(
+                update(Round)
+                .where(Round.run_id == run.run_id, Round.state == ROUND_OPEN)
+                .values(state=ROUND_CANCELLED, reason=msg.reason, closed_at=self.clock())
+            )
+        return True
+
+    # ------------------------------------------------------------------------------ rounds
+
+    def _latest_active_version(self, session: Session, model: Model) -> ModelVersion:
+        row = session.scalar(
+            select(ModelVersion)
+            .where(ModelVersion.model_pk == model.id, ModelVersion.status == "active")
+            .order_by(ModelVersion.version.desc())
+            .limit(1)
+        )
+        if row is None:
+            raise NotFoundError(f"model {model.name!r} has no active version")
+        return row
+
+    def _choose_workers(self, session: Session, run: Run) -> list[Worker]:
+        active = list(session.scalars(select(Worker).where(Worker.status == "active").order_by(Worker.name)))
+        if run.workers:
+            named = [w for w in active if w.name in set(run.workers)]
+            missing = set(run.workers) - {w.name for w in named}
+            if missing:
+                raise ConfigError(f"unknown or revoked workers: {', '.join(sorted(missing))}")
+            return named
+        cutoff = self.clock() - dt.timedelta(seconds=self.worker_timeout_s)
+        alive = [w for w in active if w.last_seen_at is not None and w.last_seen_at >= cutoff] or active
+        want = max(run.min_workers, math.ceil(run.fraction * len(alive)))
+        if len(alive) <= want:
+            return alive
+        return sorted(self.rng.sample(alive, want), key=lambda w: w.name)
+
+    def _open_round(self, session: Session, run: Run, model: Model, base: ModelVersion, number: int) -> Round:
+        workers = self._choose_workers(session, run)
+        if len(workers) < run.min_workers:
+            raise ConfigError(
+                f"run {run.run_id}: {len(workers)} workers available, {run.min_workers} required "
+                "(add workers with `fedmq workers add`)"
+            )
+        now = self.clock()
+        round_ = Round(
+            model_pk=model.id,
+            run_id=run.run_id,
+            number=number,
+            state=ROUND_OPEN,
+            base_version_id=base.id,
+            strategy=run.strategy,
+            strategy_config={"strategy": run.strategy, "options": run.strategy_options},
+            quorum=run.min_workers,
+            deadline=now + dt.timedelta(seconds=run.deadline_s),
+        )
+        session.add(round_)
+        session.flush()
+        for worker in workers:
+            task_id = uuid.uuid4().hex
+            session.add(
+                Task(
+                    task_id=task_id, round_id=round_.id, worker_id=worker.id, state=TASK_PENDING, sent_at=now
+                )
+            )
+            message = TrainTask(
+                task_id=task_id,
+                round_id=round_.id,
+                model=model.name,
+                version=base.version,
+                weights_sha256=base.weights_sha256,
+                train=dict(run.train_options or {}),
+                deadline=round_.deadline.timestamp() if round_.deadline else None,
+            )
+            session.add(
+                OutboxMessage(
+                    message_id=f"task-{task_id}",
+                    exchange=TASKS_EXCHANGE,
+                    routing_key=worker.name,
+                    headers=None,
+                    body=message.encode(),
+                )
+            )
+        logger.info(
+            "run %s round %d: %s v%d to %d workers",
+            run.run_id,
+            number,
+            model.name,
+            base.version,
+            len(workers),
+        )
+        return round_
+
+    # ------------------------------------------------------------------------------ deltas
+
+    def record_delta(self, report: DeltaReport, user_id: str | None) -> DeltaOutcome:
+        """Validate and store one delta (see the module docstring); never raises for bad deltas."""
+        with self.db.session(write=True) as session:
+            task = session.scalar(select(Task).where(Task.task_id == report.task_id))
+            if task is not None and session.scalar(select(Delta.id).where(Delta.task_id == task.task_id)):
+                return DeltaOutcome("duplicate", "this task's delta was already received", task.round_id)
+            try:
+                round_, worker = self._check_report(session, report, task, user_id)
+                assert task is not None
+                base_weights = self._base_weights(session, round_)
+                limits = codec.CodecLimits(
+                    max_total_bytes=codec.weights_nbytes(base_weights) + 1024,
+                    max_arrays=len(base_weights),
+                )
+                try:
+                    delta = codec.decode_weights(report.payload, limits=limits)
+                except DecodeError as exc:
+                    raise DeltaRejectedError(f"weights do not decode: {exc}") from exc
+                norm = validate_delta(delta, base_weights, report.sample_count, self.policy)
+            except DeltaRejectedError as exc:
+                self._store_rejected(session, report, task, exc.reason)
+                logger.warning("delta for task %s rejected: %s", report.task_id, exc.reason)
+                return DeltaOutcome("rejected", exc.reason, task.round_id if task else None)
+            blob = write_blob(session, report.payload)
+            session.add(
+                Delta(
+                    task_id=task.task_id,
+                    round_id=round_.id,
+                    worker_id=worker.id,
+                    worker_name=worker.name,
+                    base_version_id=round_.base_version_id,
+                    weights_blob_id=blob.id,
+                    sample_count=report.sample_count,
+                    norm=norm,
+                    status=DELTA_ACCEPTED,
+                    metrics=dict(report.metrics),
+                )
+            )
+            task.state, task.done_at = TASK_DONE, self.clock()
+            worker.last_seen_at = self.clock()
+            return DeltaOutcome("accepted", round_id=round_.id)
+
+    def _check_report(
+        self, session: Session, report: DeltaReport, task: Task | None, user_id: str | None
+    ) -> tuple[Round, Worker]:
+        if task is None:
+            raise DeltaRejectedError(f"unknown task {report.task_id!r}")
+        worker = session.get(Worker, task.worker_id) if task.worker_id is not None else None
+        if worker is None or worker.status != "active":
+            raise DeltaRejectedError(f"task {report.task_id} has no active worker")
+        if report.worker != worker.name:
+            raise DeltaRejectedError(f"task {report.task_id} belongs to {worker.name}, not {report.worker}")
+        if user_id != worker.name:
+            raise DeltaRejectedError(f"sent by broker user {user_id!r}, not by worker {worker.name!r}")
+        round_ = session.get(Round, task.round_id)
+        if round_ is None or round_.id != report.round_id:
+            raise DeltaRejectedError(f"task {report.task_id} is not part of round {report.round_id}")
+        if round_.state != ROUND_OPEN:
+            raise DeltaRejectedError(f"round {round_.id} is {round_.state}")
+        base = session.get(ModelVersion, round_.base_version_id)
+        assert base is not None
+        if report.base_version != base.version or report.base_weights_sha256 != base.weights_sha256:
+            raise DeltaRejectedError(
+                f"delta against version {report.base_version}, the round trains version {base.version}"
+            )
+        return round_, worker
+
+    def _store_rejected(self, session: Session, report: DeltaReport, task: Task | None, reason: str) -> None:
+        # A task keeps at most one delta row: a rejected delta of a known task answers that task.
+        session.add(
+            Delta(
+                task_id=task.task_id if task else None,
+                round_id=task.round_id if task else None,
+                worker_id=task.worker_id if task else None,
+                worker_name=report.worker[:200],
+                sample_count=max(0, min(report.sample_count, 2**62)),
+                status=DELTA_REJECTED,
+                rejection_reason=reason[:2000],
+            )
+        )
+        if task is not None and task.state == TASK_PENDING:
+            task.state, task.done_at = TASK_FAILED, self.clock()
+
+    def record_failure(self, msg: TaskFailed, user_id: str | None) -> bool:
+        """A worker could not do its task: the task counts as answered (without a delta)."""
+        with self.db.session(write=True) as session:
+            task = session.scalar(select(Task).where(Task.task_id == msg.task_id))
+            if task is None or task.state != TASK_PENDING:
+                return False
+            worker = session.get(Worker, task.worker_id) if task.worker_id else None
+            if worker is None or worker.name != msg.worker or user_id != worker.name:
+                return False
+            task.state, task.done_at = TASK_FAILED, self.clock()
+            logger.warning("task %s failed on %s: %s", msg.task_id, msg.worker, msg.reason)
+            return True
+
+    def _base_weights(self, session: Session, round_: Round) -> list[np.ndarray]:
+        cached = self._base_cache.get(round_.base_version_id)
+        if cached is None:
+            version = session.get(ModelVersion, round_.base_version_id)
+            assert version is not None
+            cached = codec.decode_weights(read_blob(session, version.weights_blob_id))
+            self._base_cache.clear()  # keep one base in memory: rounds of one run share it
+            self._base_cache[round_.base_version_id] = cached
+        return cached
+
+    # ---------------------------------------------------------------------------- advancing
+
+    def open_round_ids(self) -> list[int]:
+        with self.db.session() as session:
+            return list(session.scalars(select(Round.id).where(Round.state == ROUND_OPEN)))
+
+    def advance(self, round_id: int) -> str | None:
+        """Close, fail or leave a round by its rule; returns the new state, or None if unchanged."""
+        with self.db.session(write=True) as session:
+            query = select(Round).where(Round.id == round_id)
+            if self.db.backend == "postgresql":
+                query = query.with_for_update()
+            round_ = session.scalar(query)
+            if round_ is None or round_.state != ROUND_OPEN:
+                return None
+            tasks = list(session.scalars(select(Task).where(Task.round_id == round_id)))
+            accepted = (
+                session.scalar(
+                    select(func.count()).where(Delta.round_id == round_id, Delta.status == DELTA_ACCEPTED)
+                )
+                or 0
+            )
+            all_answered = all(t.state != TASK_PENDING for t in tasks)
+            past_deadline = round_.deadline is not None and self.clock() >= round_.deadline
+            if accepted >= round_.quorum and (all_answered or past_deadline):
+                self._aggregate(session, round_)
+                return ROUND_CLOSED
+            if past_deadline or (all_answered and accepted < round_.quorum):
+                reason = f"{accepted} accepted deltas, quorum {round_.quorum}; " + (
+                    "deadline passed" if past_deadline else "every task answered"
+                )
+                self._fail_round(session, round_, reason)
+                return ROUND_FAILED
+            return None
+
+    def _fail_round(self, session: Session, round_: Round, reason: str) -> None:
+        round_.state, round_.reason, round_.closed_at = ROUND_FAILED, reason, self.clock()
+        run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
+        if run is not None and run.state == RUN_RUNNING:
+            run.state, run.reason, run.finished_at = (
+                RUN_FAILED,
+                f"round {round_.number}: {reason}",
+                self.clock(),
+            )
+        logger.warning("round %d failed: %s", round_.id, reason)
+
+    def _aggregate(self, session: Session, round_: Round) -> None:
+        run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
+        model = session.get(Model, round_.model_pk)
+        assert run is not None and model is not None
+        base_row = session.get(ModelVersion, round_.base_version_id)
+        assert base_row is not None
+        base = self._base_weights(session, round_)
+        strategy = get_strategy(run.strategy, run.strategy_options)
+        aggregation = strategy.begin(base)
+        deltas = list(
+            session.scalars(
+                select(Delta)
+                .where(Delta.round_id == round_.id, Delta.status == DELTA_ACCEPTED)
+                .order_by(Delta.id)
+            )
+        )
+        samples = 0
+        for delta in deltas:
+            assert delta.weights_blob_id is not None
+            weights = codec.decode_weights(read_blob(session, delta.weights_blob_id))
+            aggregation.add(weights, delta.sample_count)
+            samples += delta.sample_count
+            delta.status = DELTA_AGGREGATED
+        new_weights = aggregation.finish()
+        metrics = _summarize_metrics(deltas)
+        metrics.update(deltas=len(deltas), samples=samples)
+        version = self.registry.store_version_in(
+            session,
+            model,
+            new_weights,
+            parent=base_row,
+            round_id=round_.id,
+            strategy=strategy.name,
+            strategy_config=strategy.config(),
+            metrics=metrics,
+        )
+        round_.state, round_.result_version_id, round_.closed_at = ROUND_CLOSED, version.id, self.clock()
+        session.add(release_outbox_row(model.name, version.version))
+        run.rounds_done = round_.number
+        logger.info(
+            "round %d (run %s #%d): %d deltas -> %s v%d",
+            round_.id,
+            run.run_id,
+            round_.number,
+            len(deltas),
+            model.name,
+            version.version,
+        )
+        if run.state == RUN_RUNNING and round_.number < run.rounds_total:
+            self._open_round(session, run, model, version, number=round_.number + 1)
+        elif run.state == RUN_RUNNING:
+            run.state, run.finished_at = RUN_COMPLETED, self.clock()
+
+
+def _summarize_metrics(deltas: Sequence[Delta]) -> dict[str, Any]:
+    """Sample-weighted means of the numeric metrics the workers reported."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for delta in deltas:
+        for key, value in (delta.metrics or {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                totals[key] = totals.get(key, 0.0) + float(value) * delta.sample_count
+                weights[key] = weights.get(key, 0.0) + delta.sample_count
+    return {f"workers_{k}": totals[k] / weights[k] for k in totals if weights[k] > 0}

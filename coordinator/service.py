@@ -1,0 +1,180 @@
+"""The coordinator daemon: consumes submissions and results, keeps rounds moving, relays the outbox.
+
+Threads (pika rule: one connection per thread; the broker layer gives each consumer its own):
+
+- control consumer (single-active): StartRun, CancelRun — an invalid submission is dead-lettered
+  with its reason, never retried forever;
+- results consumer (single-active): DeltaReport, TaskFailed, Heartbeat — each recorded in one
+  transaction, acked only after it committed (the broker layer acks when the handler returns);
+- fetch consumer (single-active): FetchModel requests, answered with the signed release;
+- the outbox relay, and a ticker that advances rounds whose deadline passed.
+
+A standby coordinator started beside this one waits on the single-active-consumer queues and takes
+over when this one dies; round state is in SQL, so it continues where the other stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy import select
+
+from common.broker import Broker, Delivery, OutgoingMessage
+from common.broker.topology import CONTROL_QUEUE, FETCH_QUEUE, RESULTS_QUEUE, fedmq_topology
+from common.errors import ConfigError, DecodeError, NotFoundError, PoisonMessageError
+from common.messages import (
+    CancelRun,
+    DeltaReport,
+    FetchModel,
+    Heartbeat,
+    Message,
+    StartRun,
+    TaskFailed,
+    decode,
+)
+from common.release import build_release
+from coordinator.db.blobs import read_blob
+from coordinator.db.engine import Database
+from coordinator.db.models import Model, ModelVersion, Worker
+from coordinator.outbox import OutboxRelay
+from coordinator.registry import ModelRegistry
+from coordinator.rounds import RoundEngine, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Wires the round engine to the broker; :meth:`run` blocks until ``stop`` is set."""
+
+    def __init__(
+        self,
+        db: Database,
+        registry: ModelRegistry,
+        broker: Broker,
+        engine: RoundEngine | None = None,
+        tick_s: float = 0.5,
+    ) -> None:
+        self.db = db
+        self.registry = registry
+        self.broker = broker
+        self.engine = engine or RoundEngine(db, registry)
+        self.relay = OutboxRelay(db, broker, self.release_body)
+        self.tick_s = tick_s
+        self.ready = threading.Event()
+
+    # --------------------------------------------------------------------------- releases
+
+    def release_body(self, model: str, version: int) -> bytes:
+        """The encoded ModelRelease of ``model`` ``version`` (signed parts from the registry)."""
+        with self.db.session() as session:
+            row = session.scalar(select(Model).where(Model.name == model))
+            if row is None:
+                raise NotFoundError(f"model {model!r} does not exist")
+            ver = session.scalar(
+                select(ModelVersion).where(ModelVersion.model_pk == row.id, ModelVersion.version == version)
+            )
+            if ver is None:
+                raise NotFoundError(f"model {model!r} has no version {version}")
+            frame = read_blob(session, ver.weights_blob_id)
+            return build_release(
+                model, version, row.code_envelope, ver.signature, frame, row.code_sha256, ver.weights_sha256
+            ).encode()
+
+    # --------------------------------------------------------------------------- handlers
+
+    def on_control(self, delivery: Delivery) -> None:
+        message: Message = decode(delivery.body)
+        try:
+            if isinstance(message, StartRun):
+                self.engine.start_run(message)
+            elif isinstance(message, CancelRun):
+                self.engine.cancel_run(message)
+            else:
+                raise PoisonMessageError(f"{message.TYPE} does not belong on the control queue")
+        except (ConfigError, NotFoundError) as exc:
+            raise PoisonMessageError(f"{message.TYPE} refused: {exc}") from exc
+        self.relay.wake()
+
+    def on_result(self, delivery: Delivery) -> None:
+        message: Message = decode(delivery.body)
+        if isinstance(message, DeltaReport):
+            outcome = self.engine.record_delta(message, delivery.user_id)
+            logger.info("delta for task %s: %s %s", message.task_id, outcome.status, outcome.reason)
+            if outcome.round_id is not None:
+                self.engine.advance(outcome.round_id)
+        elif isinstance(message, TaskFailed):
+            if self.engine.record_failure(message, delivery.user_id):
+                self.tick()
+        elif isinstance(message, Heartbeat):
+            self._heartbeat(message, delivery.user_id)
+        else:
+            raise PoisonMessageError(f"{message.TYPE} does not belong on the results queue")
+        self.relay.wake()
+
+    def _heartbeat(self, message: Heartbeat, user_id: str | None) -> None:
+        if user_id != message.worker:
+            logger.warning("heartbeat for %s sent by broker user %r ignored", message.worker, user_id)
+            return
+        with self.db.session(write=True) as session:
+            worker = session.scalar(select(Worker).where(Worker.name == message.worker))
+            if worker is not None:
+                worker.last_seen_at = utcnow()
+                worker.info = dict(message.info)
+
+    def on_fetch(self, delivery: Delivery) -> None:
+        request = decode(delivery.body, FetchModel)
+        if not delivery.reply_to:
+            raise PoisonMessageError("fetch-model without reply_to")
+        try:
+            body = self.release_body(request.model, request.version)
+        except NotFoundError as exc:
+            raise PoisonMessageError(str(exc)) from exc
+        self.broker.publish(
+            OutgoingMessage(
+                exchange="",
+                routing_key=delivery.reply_to,
+                body=body,
+                correlation_id=delivery.correlation_id,
+                persistent=False,
+            )
+        )
+
+    # ------------------------------------------------------------------------------- loop
+
+    def tick(self) -> None:
+        """Advance every open round (deadlines, quorums); the relay sends what that wrote."""
+        for round_id in self.engine.open_round_ids():
+            self.engine.advance(round_id)
+        self.relay.wake()
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set (SIGTERM/SIGINT in the CLI)."""
+        with self.db.session() as session:
+            workers = tuple(session.scalars(select(Worker.name).where(Worker.status == "active")))
+        self.broker.declare(fedmq_topology(workers))
+        consumers = [
+            self.broker.consumer(CONTROL_QUEUE, self.on_control, prefetch=1),
+            self.broker.consumer(RESULTS_QUEUE, self.on_result, prefetch=1),
+            self.broker.consumer(FETCH_QUEUE, self.on_fetch, prefetch=1),
+        ]
+        relay = threading.Thread(target=self.relay.run, args=(stop,), name="fedmq-outbox", daemon=True)
+        relay.start()
+        for consumer in consumers:
+            consumer.start()
+        self.ready.set()
+        logger.info("coordinator running")
+        try:
+            while not stop.wait(self.tick_s):
+                try:
+                    self.tick()
+                except DecodeError:
+                    raise
+                except Exception:
+                    logger.exception("round ticker failed; retrying")
+        finally:
+            for consumer in consumers:
+                consumer.stop()
+            relay.join(timeout=10)
+            self.broker.close()
+            logger.info("coordinator stopped")

@@ -1,0 +1,188 @@
+"""The worker daemon: receives tasks, trains on local data, returns deltas; applies models for jobs.
+
+Per task (prefetch 1, off pika's I/O thread): get the named version (cache, the releases fanout,
+or a fetch), verify it, compile it, learn with the model's own ``incremental_learn_function``,
+publish ``delta = trained - base`` with the base version, sample count and metrics, and only when
+the broker confirmed that publish return — which acks the task. A crash anywhere before that
+leaves the task unacked: RabbitMQ gives it back when the worker restarts.
+
+A task this worker can never do (a release that fails verification, data that does not fit the
+model) is answered with ``TaskFailed`` so the round need not wait for its deadline. A task whose
+model code crashes is retried by the broker layer and dead-lettered after the delivery limit.
+
+``SIGTERM`` stops taking tasks and finishes the current one (the CLI wires the signal to ``stop``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from common import codec
+from common.broker import Broker, Delivery, OutgoingMessage
+from common.broker.topology import (
+    FETCH_ROUTE,
+    RESULTS_EXCHANGE,
+    RESULTS_ROUTE,
+    worker_release_queue,
+    worker_task_queue,
+)
+from common.errors import BrokerError, DecodeError, FedmqError, PoisonMessageError, SignatureError
+from common.messages import (
+    ApplyTask,
+    DeltaReport,
+    FetchModel,
+    Heartbeat,
+    JobResult,
+    Message,
+    TaskFailed,
+    TrainTask,
+    decode,
+)
+from worker import trainer
+from worker.config import WorkerConfig
+from worker.data import LocalData
+from worker.models import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+def device_info() -> dict[str, object]:
+    """What the worker trains on: GPUs TensorFlow sees (memory growth on), else the CPU."""
+    info: dict[str, object] = {"device": "cpu"}
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return info
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            pass
+    if gpus:
+        info = {"device": "gpu", "gpus": [g.name for g in gpus]}
+    return info
+
+
+class WorkerDaemon:
+    def __init__(self, config: WorkerConfig, broker: Broker, data: LocalData | None) -> None:
+        self.config = config
+        self.broker = broker
+        self.data = data
+        self.store = ModelStore(config.cache_path(), config.public_key())
+        self.ready = threading.Event()
+        self.tasks_done = 0
+
+    # ------------------------------------------------------------------------- publishing
+
+    def _send(self, message: Message, routing_key: str = RESULTS_ROUTE, reply_to: str | None = None) -> None:
+        self.broker.publish(
+            OutgoingMessage(
+                exchange=RESULTS_EXCHANGE,
+                routing_key=routing_key,
+                body=message.encode(),
+                message_id=uuid.uuid4().hex,
+                reply_to=reply_to,
+            )
+        )
+
+    def _fetch(self, model: str, version: int) -> None:
+        logger.info("fetching %s v%d from the coordinator", model, version)
+        self._send(
+            FetchModel(model=model, version=version),
+            routing_key=FETCH_ROUTE,
+            reply_to=worker_release_queue(self.config.name),
+        )
+
+    # --------------------------------------------------------------------------- handlers
+
+    def on_release(self, delivery: Delivery) -> None:
+        try:
+            self.store.add(delivery.body)
+        except SignatureError as exc:
+            raise PoisonMessageError(f"release refused: {exc}") from exc
+
+    def on_task(self, delivery: Delivery) -> None:
+        message: Message = decode(delivery.body)
+        if isinstance(message, TrainTask):
+            self._train(message)
+        elif isinstance(message, ApplyTask):
+            self._apply(message)
+        else:
+            raise PoisonMessageError(f"{message.TYPE} is not a task")
+        self.tasks_done += 1
+
+    def _train(self, task: TrainTask) -> None:
+        if self.data is None:
+            self._send(TaskFailed(task_id=task.task_id, worker=self.config.name, reason="no local data"))
+            return
+        try:
+            release = self.store.get(
+                task.model, task.version, task.weights_sha256, self._fetch, self.config.fetch_timeout_s
+            )
+        except (SignatureError, DecodeError) as exc:
+            self._send(
+                TaskFailed(task_id=task.task_id, worker=self.config.name, reason=f"release refused: {exc}")
+            )
+            return
+        model = self.store.load(release)
+        started = time.perf_counter()
+        result = trainer.train(model, self.data, task.train)
+        report = DeltaReport(
+            task_id=task.task_id,
+            round_id=task.round_id,
+            worker=self.config.name,
+            model=task.model,
+            base_version=task.version,
+            base_weights_sha256=task.weights_sha256,
+            sample_count=result.sample_count,
+            metrics={**result.metrics, "task_seconds": time.perf_counter() - started},
+            payload=codec.encode_weights(result.delta),
+        )
+        self._send(report)  # returns after the broker confirmed it; then the task is acked
+        logger.info("task %s: delta against %s v%d sent", task.task_id, task.model, task.version)
+
+    def _apply(self, job: ApplyTask) -> None:
+        try:
+            release = self.store.get(
+                job.model, job.version, job.weights_sha256, self._fetch, self.config.fetch_timeout_s
+            )
+            inputs = codec.decode_weights(job.payload)
+            outputs = trainer.apply(self.store.load(release), inputs)
+            frame = codec.encode_weights(outputs)
+            self._send(JobResult(job_id=job.job_id, worker=self.config.name, payload=frame))
+        except FedmqError as exc:
+            self._send(JobResult(job_id=job.job_id, worker=self.config.name, error=str(exc)))
+
+    # ------------------------------------------------------------------------------- loop
+
+    def heartbeat(self, info: dict[str, object]) -> None:
+        samples = len(self.data) if self.data is not None else 0
+        self._send(Heartbeat(worker=self.config.name, sent_at=time.time(), info={**info, "samples": samples}))
+
+    def run(self, stop: threading.Event) -> None:
+        info = device_info()
+        consumers = [
+            self.broker.consumer(worker_release_queue(self.config.name), self.on_release, prefetch=4),
+            self.broker.consumer(worker_task_queue(self.config.name), self.on_task, prefetch=1),
+        ]
+        for consumer in consumers:
+            consumer.start()
+        self.ready.set()
+        logger.info("worker %s running on %s", self.config.name, info["device"])
+        try:
+            while True:
+                try:
+                    self.heartbeat(info)
+                except BrokerError as exc:
+                    logger.warning("heartbeat not sent: %s", exc)
+                if stop.wait(self.config.heartbeat_s):
+                    break
+        finally:
+            for consumer in reversed(consumers):
+                consumer.stop()
+            self.broker.close()
+            logger.info("worker %s stopped after %d tasks", self.config.name, self.tasks_done)

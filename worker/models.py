@@ -1,0 +1,100 @@
+"""The worker's model store: verified releases on disk, keyed by model, version and weights sha256.
+
+A release reaches the worker three ways: from the cache directory, from the releases fanout (every
+new version), or fetched by request/reply (the RabbitMQ counterpart of dafne-dl's
+``RemoteModelProvider``). Whatever the way, :func:`common.release.open_release` verifies it against
+the coordinator's key before anything in it is parsed or compiled; the cache holds the release
+bytes and is verified again when read, so a tampered cache file is refused like a tampered message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.errors import DecodeError, FedmqError, SignatureError
+from common.messages import ModelRelease, decode
+from common.model import DynamicDLModel
+from common.model.bundle import join_model
+from common.release import VerifiedRelease, open_release
+
+logger = logging.getLogger(__name__)
+
+Fetcher = Callable[[str, int], None]
+
+
+class ModelStore:
+    """Verified releases by (model, version); :meth:`get` waits for a fetched one to arrive."""
+
+    def __init__(self, cache_dir: Path, trusted: Ed25519PublicKey) -> None:
+        self.cache_dir = cache_dir
+        self.trusted = trusted
+        self._releases: dict[tuple[str, int], VerifiedRelease] = {}
+        self._arrived = threading.Condition()
+
+    def _path(self, model: str, version: int) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+        return self.cache_dir / safe / f"v{version}.release"
+
+    def add(self, body: bytes) -> VerifiedRelease:
+        """Verify a release body and keep it (memory and disk). Raises SignatureError / DecodeError."""
+        release = decode(body, ModelRelease)
+        verified = open_release(release, self.trusted)
+        path = self._path(verified.model, verified.version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(body)
+        os.replace(tmp, path)
+        with self._arrived:
+            self._releases[(verified.model, verified.version)] = verified
+            # Keep the newest two versions of each model in memory; older ones stay on disk.
+            versions = sorted(v for (m, v) in self._releases if m == verified.model)
+            for old in versions[:-2]:
+                del self._releases[(verified.model, old)]
+            self._arrived.notify_all()
+        logger.info("release %s v%d verified and cached", verified.model, verified.version)
+        return verified
+
+    def _from_disk(self, model: str, version: int) -> VerifiedRelease | None:
+        path = self._path(model, version)
+        if not path.exists():
+            return None
+        try:
+            return self.add(path.read_bytes())
+        except (SignatureError, DecodeError) as exc:
+            logger.warning("cached release %s refused (%s); fetching it again", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+
+    def get(
+        self, model: str, version: int, weights_sha256: str, fetch: Fetcher, timeout_s: float
+    ) -> VerifiedRelease:
+        """The verified release of ``model`` ``version``, fetching it if needed."""
+        with self._arrived:
+            found = self._releases.get((model, version))
+        if found is None:
+            found = self._from_disk(model, version)
+        if found is None:
+            fetch(model, version)
+            with self._arrived:
+                self._arrived.wait_for(
+                    lambda: (model, version) in self._releases or self._path(model, version).exists(),
+                    timeout=timeout_s,
+                )
+                found = self._releases.get((model, version))
+            if found is None:
+                found = self._from_disk(model, version)
+            if found is None:
+                raise FedmqError(f"{model} v{version} did not arrive within {timeout_s:.0f} s")
+        if found.weights_sha256 != weights_sha256:
+            raise SignatureError(f"{model} v{version}: the task names other weights than the signed release")
+        return found
+
+    def load(self, release: VerifiedRelease) -> DynamicDLModel:
+        """Compile the verified code and set the verified weights."""
+        return join_model(release.code, release.weights)
