@@ -125,19 +125,37 @@ class DeliveryProcessor:
             return Decision(Outcome.DEAD_LETTER, _describe(exc))
         key = self._key(raw, chunk)
         attempts = self._attempts(raw, key)
-        delivery_fields: dict[str, Any] = {}
-        if chunk is None:
-            delivery_fields = {"data": raw.body, "size": len(raw.body)}
-        else:
-            try:
-                completed = self.reassembler.add(chunk, raw.body, raw.user_id)
-            except DecodeError as exc:
-                logger.warning("queue %s: rejecting chunk: %s", self.queue, exc)
-                return Decision(Outcome.DEAD_LETTER, _describe(exc), attempts)
-            if completed is None:
+        handled_transfer: str | None = None
+        try:
+            delivery = self._delivery(raw, chunk, attempts)
+            if delivery is None:
                 return Decision(Outcome.ACK, attempts=attempts)
-            delivery_fields = {"path": completed.path, "size": completed.size}
-        delivery = Delivery(
+            handled_transfer = chunk.transfer_id if chunk is not None else None
+            decision = self._run_handler(delivery, attempts)
+        except DecodeError as exc:  # a chunk that cannot belong to a good transfer
+            logger.warning("queue %s: rejecting chunk: %s", self.queue, exc)
+            return Decision(Outcome.DEAD_LETTER, _describe(exc), attempts)
+        except Exception as exc:  # a full disk or a bug here: counted like a handler failure
+            decision = self._failure(exc, attempts, raw.message_id)
+        if decision.outcome is Outcome.RETRY:
+            self._record_failure(key, attempts)
+        else:
+            self._failures.pop(key, None)
+            if handled_transfer is not None:
+                self.reassembler.finish(handled_transfer)
+        return decision
+
+    def _delivery(self, raw: RawDelivery, chunk: ChunkHeader | None, attempts: int) -> Delivery | None:
+        """The delivery for the handler, or ``None`` while a transfer still misses chunks."""
+        body: dict[str, Any]
+        if chunk is None:
+            body = {"data": raw.body, "size": len(raw.body)}
+        else:
+            completed = self.reassembler.add(chunk, raw.body, raw.user_id)
+            if completed is None:
+                return None
+            body = {"path": completed.path, "size": completed.size}
+        return Delivery(
             queue=self.queue,
             exchange=raw.exchange,
             routing_key=raw.routing_key,
@@ -150,16 +168,8 @@ class DeliveryProcessor:
             user_id=raw.user_id,
             type=raw.type,
             content_type=raw.content_type,
-            **delivery_fields,
+            **body,
         )
-        decision = self._run_handler(delivery, attempts)
-        if decision.outcome is Outcome.RETRY:
-            self._record_failure(key, attempts)
-        else:
-            self._failures.pop(key, None)
-            if chunk is not None:
-                self.reassembler.finish(chunk.transfer_id)
-        return decision
 
     def _run_handler(self, delivery: Delivery, attempts: int) -> Decision:
         try:
@@ -168,26 +178,30 @@ class DeliveryProcessor:
             logger.warning("queue %s: message %s is poison: %s", self.queue, delivery.message_id, exc)
             return Decision(Outcome.DEAD_LETTER, _describe(exc), attempts)
         except Exception as exc:
-            if attempts >= self.max_attempts:
-                logger.error(
-                    "queue %s: message %s failed %d times, dead-lettering it: %s",
-                    self.queue,
-                    delivery.message_id,
-                    attempts,
-                    _describe(exc),
-                )
-                return Decision(Outcome.DEAD_LETTER, f"failed {attempts} times: {_describe(exc)}", attempts)
-            logger.warning(
-                "queue %s: handler failed on message %s (attempt %d of %d): %s",
-                self.queue,
-                delivery.message_id,
-                attempts,
-                self.max_attempts,
-                _describe(exc),
-                exc_info=True,
-            )
-            return Decision(Outcome.RETRY, _describe(exc), attempts)
+            return self._failure(exc, attempts, delivery.message_id)
         return Decision(Outcome.ACK, attempts=attempts)
+
+    def _failure(self, exc: Exception, attempts: int, message_id: str | None) -> Decision:
+        """Retry, or dead-letter once the message has had ``max_attempts``."""
+        if attempts >= self.max_attempts:
+            logger.error(
+                "queue %s: message %s failed %d times, dead-lettering it: %s",
+                self.queue,
+                message_id,
+                attempts,
+                _describe(exc),
+            )
+            return Decision(Outcome.DEAD_LETTER, f"failed {attempts} times: {_describe(exc)}", attempts)
+        logger.warning(
+            "queue %s: message %s failed (attempt %d of %d): %s",
+            self.queue,
+            message_id,
+            attempts,
+            self.max_attempts,
+            _describe(exc),
+            exc_info=True,
+        )
+        return Decision(Outcome.RETRY, _describe(exc), attempts)
 
 
 def dead_letter_headers(raw: RawDelivery, queue: str, decision: Decision) -> dict[str, Any]:

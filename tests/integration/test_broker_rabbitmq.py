@@ -258,8 +258,10 @@ class _CountingReassembler(Reassembler):
         self.stored = 0
         self.after = after
 
-    def add(self, header: ChunkHeader, data: bytes | memoryview) -> CompletedTransfer | None:
-        result = super().add(header, data)
+    def add(
+        self, header: ChunkHeader, data: bytes | memoryview, sender: str | None = None
+    ) -> CompletedTransfer | None:
+        result = super().add(header, data, sender)
         self.stored += 1
         self.after(self.stored)
         return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pika.exceptions as px
 
-from common.broker.chunks import Reassembler
+from common.broker.chunks import Reassembler, split_body
 from common.broker.processing import DeliveryProcessor, Outcome, RawDelivery
 from common.broker.topology import QueueSpec, Topology, declare
 
@@ -93,3 +93,19 @@ def test_a_broker_that_refuses_quorum_queues_gets_classic_durable_ones(tmp_path,
     assert declared.kinds == {"q": "classic", "q.dlq": "classic"}
     assert connection.declared["q"]["x-dead-letter-routing-key"] == "q"
     assert "refused a quorum queue" in caplog.text
+
+
+class _FullDisk(Reassembler):
+    def add(self, header, data, sender=None):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_is_retried_then_dead_lettered_not_looped_forever(tmp_path):
+    processor = DeliveryProcessor("q", lambda d: None, _FullDisk(tmp_path), max_attempts=2)
+    header, data = next(split_body(b"x" * 3000, 1024))
+    raw = RawDelivery(body=bytes(data), headers=header.to_headers())
+
+    outcomes = [processor.process(raw) for _ in range(2)]
+
+    assert [d.outcome for d in outcomes] == [Outcome.RETRY, Outcome.DEAD_LETTER]
+    assert "No space left" in outcomes[1].reason
