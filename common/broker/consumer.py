@@ -11,7 +11,8 @@ settles it:
 - ``RETRY``: ``basic_nack(requeue=True)``;
 - ``DEAD_LETTER``: a copy goes to the dead-letter exchange (routing key = the queue) with the reason
   in ``x-fedmq-reason``, confirmed, and then the original is acked. If that publish fails the
-  original is rejected without requeue, so the broker dead-letters it (reason in ``x-death``).
+  original is rejected without requeue, so the broker dead-letters it (reason in ``x-death``):
+  that is what happens for a user without write permission on the dead-letter exchange.
 
 A lost connection is reopened with capped backoff; decisions about deliveries of the old connection
 are dropped (RabbitMQ redelivers those messages).
@@ -105,6 +106,7 @@ class Consumer:
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
+        self._dead_letters: BlockingChannel | None = None
 
     # -- worker thread -------------------------------------------------------------------------
 
@@ -131,7 +133,7 @@ class Consumer:
 
     # -- I/O thread ----------------------------------------------------------------------------
 
-    def _settle(self, channel: BlockingChannel, dead_letters: BlockingChannel) -> None:
+    def _settle(self, channel: BlockingChannel) -> None:
         settled, self._settled = self._settled, []
         for work, decision in settled:
             if work.generation != self._generation:
@@ -142,11 +144,17 @@ class Consumer:
                 elif decision.outcome is Outcome.RETRY:
                     channel.basic_nack(work.delivery_tag, requeue=True)
             if decision.outcome is Outcome.DEAD_LETTER:
-                self._dead_letter(channel, dead_letters, work, decision)
+                self._dead_letter(channel, work, decision)
 
-    def _dead_letter(
-        self, channel: BlockingChannel, dead_letters: BlockingChannel, work: _Work, decision: Decision
-    ) -> None:
+    def _dead_letter_channel(self, channel: BlockingChannel) -> BlockingChannel:
+        """A confirm-mode channel beside ``channel`` (reopened after the broker closed it, e.g. 403)."""
+        if self._dead_letters is None or not self._dead_letters.is_open:
+            with translating_pika_errors():
+                self._dead_letters = channel.connection.channel()
+                self._dead_letters.confirm_delivery()
+        return self._dead_letters
+
+    def _dead_letter(self, channel: BlockingChannel, work: _Work, decision: Decision) -> None:
         raw = work.raw
         properties = BasicProperties(
             content_type=raw.content_type,
@@ -158,6 +166,7 @@ class Consumer:
             type=raw.type,
         )
         try:
+            dead_letters = self._dead_letter_channel(channel)
             with translating_pika_errors():
                 dead_letters.basic_publish(
                     DEAD_LETTER_EXCHANGE, self.queue, raw.body, properties, mandatory=True
@@ -186,19 +195,18 @@ class Consumer:
         with translating_pika_errors():
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self.prefetch)
-            dead_letters = connection.channel()
-            dead_letters.confirm_delivery()
+            self._dead_letters = None
             tag = channel.basic_consume(self.queue, on_message)
         logger.info("%s: consuming %s (prefetch %d)", self.name, self.queue, self.prefetch)
         while not self._stop.is_set():
             with translating_pika_errors():
                 connection.process_data_events(time_limit=_POLL_S)
-            self._settle(channel, dead_letters)
+            self._settle(channel)
         with translating_pika_errors():
             channel.basic_cancel(tag)
             while not self._idle.wait(0) or self._settled:
                 connection.process_data_events(time_limit=_POLL_S)
-                self._settle(channel, dead_letters)
+                self._settle(channel)
 
     def run(self) -> None:
         """Consume until :meth:`stop`, reconnecting on a lost connection; raise refusals."""

@@ -19,7 +19,12 @@ from common.broker.connection import connect
 from common.broker.consumer import Consumer
 from common.broker.message import REASON_HEADER
 from common.broker.topology import Binding, ExchangeSpec, QueueSpec, Topology, dead_letter_queue_name
-from common.errors import BrokerAccessRefusedError, BrokerUnreachableError, UnroutableMessageError
+from common.errors import (
+    BrokerAccessRefusedError,
+    BrokerUnreachableError,
+    PoisonMessageError,
+    UnroutableMessageError,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -365,3 +370,36 @@ def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dead_letter_qu
     assert deliveries == [1, 2, 3]
     assert dead[0].body == b"kills the worker"
     assert [d["reason"] for d in dead[0].headers["x-death"]] == ["delivery_limit"]
+
+
+def test_a_worker_without_rights_on_the_dead_letter_exchange_still_dead_letters(
+    broker, config, queue, rabbitmq
+):
+    worker = f"w-{uuid.uuid4().hex[:6]}"
+    add_user(rabbitmq.node, worker, "s3cret")
+    set_permissions(rabbitmq.node, worker, "^$", "^$", f"^{queue}$")
+    worker_config = BrokerConfig(
+        **{**vars(config), "amqp_url": f"amqp://{worker}:s3cret@127.0.0.1:{rabbitmq.port}/%2F"}
+    )
+    seen: list[bytes] = []
+    dead: list[Delivery] = []
+
+    def refuses(delivery: Delivery) -> None:
+        seen.append(delivery.body)
+        raise PoisonMessageError("unknown task kind")
+
+    _send(broker, queue, b"first")
+    _send(broker, queue, b"second")
+    consumer = _consume(worker_config, queue, refuses)
+    dlq_consumer = _consume(config, dead_letter_queue_name(queue), dead.append)
+    try:
+        _wait_for(lambda: len(dead) == 2, "both messages in the dead-letter queue")
+    finally:
+        consumer.stop()
+        dlq_consumer.stop()
+        delete_user(rabbitmq.node, worker)
+
+    assert seen == [b"first", b"second"]
+    assert [d.body for d in dead] == [b"first", b"second"]
+    assert [d.headers["x-death"][0]["reason"] for d in dead] == ["rejected", "rejected"]
+    assert consumer.error is None
