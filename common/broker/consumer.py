@@ -15,7 +15,9 @@ settles it:
   that is what happens for a user without write permission on the dead-letter exchange.
 
 A lost connection is reopened with capped backoff; decisions about deliveries of the old connection
-are dropped (RabbitMQ redelivers those messages).
+are dropped (RabbitMQ redelivers those messages). A consumer the broker cancels (its queue was
+deleted) consumes again after a backoff; a queue that no longer exists, or a refusal (403), stops
+:meth:`Consumer.run` with the error.
 """
 
 from __future__ import annotations
@@ -202,6 +204,8 @@ class Consumer:
             with translating_pika_errors():
                 connection.process_data_events(time_limit=_POLL_S)
             self._settle(channel)
+            if tag not in channel.consumer_tags:
+                raise BrokerChannelClosedError(f"RabbitMQ cancelled the consumer of {self.queue}")
         with translating_pika_errors():
             channel.basic_cancel(tag)
             while not self._idle.wait(0) or self._settled:

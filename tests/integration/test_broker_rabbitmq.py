@@ -21,6 +21,7 @@ from common.broker.message import REASON_HEADER
 from common.broker.topology import Binding, ExchangeSpec, QueueSpec, Topology, dead_letter_queue_name
 from common.errors import (
     BrokerAccessRefusedError,
+    BrokerChannelClosedError,
     BrokerUnreachableError,
     PoisonMessageError,
     UnroutableMessageError,
@@ -403,3 +404,14 @@ def test_a_worker_without_rights_on_the_dead_letter_exchange_still_dead_letters(
     assert [d.body for d in dead] == [b"first", b"second"]
     assert [d.headers["x-death"][0]["reason"] for d in dead] == ["rejected", "rejected"]
     assert consumer.error is None
+
+
+def test_a_consumer_whose_queue_is_deleted_stops_with_a_clear_error(config, queue, rabbitmq):
+    consumer = _consume(config, queue, lambda d: None)
+    _wait_for(lambda: consumer.connections_opened == 1, "the consumer to connect")
+
+    rabbitmq.ctl("delete_queue", queue)
+    _wait_for(lambda: consumer.error is not None, "the consumer to give up")
+
+    assert isinstance(consumer.error, BrokerChannelClosedError)
+    assert consumer.error.reply_code == 404
