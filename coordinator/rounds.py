@@ -129,7 +129,14 @@ class RoundEngine:
             session.add(run)
             session.flush()
             base = self._latest_active_version(session, model)
-            self._open_round(session, run, model, base, number=1)
+            try:
+                with session.begin_nested():
+                    self._open_round(session, run, model, base, number=1)
+            except ConfigError as exc:
+                # Recorded, so `fedmq rounds show` tells the submitter why nothing happens.
+                run.state, run.reason, run.finished_at = RUN_FAILED, str(exc), self.clock()
+                logger.warning("run %s refused: %s", msg.run_id, exc)
+                return True
         logger.info("run %s: %d rounds of %s started", msg.run_id, msg.rounds, msg.model)
         return True
 
@@ -169,12 +176,15 @@ class RoundEngine:
             if missing:
                 raise ConfigError(f"unknown or revoked workers: {', '.join(sorted(missing))}")
             return named
+        # Workers heard from recently come first; the others fill up to the quorum (their tasks
+        # wait in their durable queues until they connect).
         cutoff = self.clock() - dt.timedelta(seconds=self.worker_timeout_s)
-        alive = [w for w in active if w.last_seen_at is not None and w.last_seen_at >= cutoff] or active
-        want = max(run.min_workers, math.ceil(run.fraction * len(alive)))
-        if len(alive) <= want:
-            return alive
-        return sorted(self.rng.sample(alive, want), key=lambda w: w.name)
+        alive = [w for w in active if w.last_seen_at is not None and w.last_seen_at >= cutoff]
+        silent = [w for w in active if w not in alive]
+        want = min(len(active), max(run.min_workers, math.ceil(run.fraction * len(alive or active))))
+        chosen = self.rng.sample(alive, min(want, len(alive)))
+        chosen += self.rng.sample(silent, want - len(chosen))
+        return sorted(chosen, key=lambda w: w.name)
 
     def _open_round(self, session: Session, run: Run, model: Model, base: ModelVersion, number: int) -> Round:
         workers = self._choose_workers(session, run)

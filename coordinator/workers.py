@@ -85,7 +85,9 @@ def add_worker(
         existing = session.scalar(select(Worker).where(Worker.name == name))
         if existing is not None and existing.status == "active":
             raise AlreadyExistsError(f"worker {name!r} already exists (revoke it first to re-add it)")
-    password = password or secrets.token_urlsafe(24)
+    password = password or secrets.token_hex(
+        24
+    )  # hex: never starts with "-" (rabbitmqctl would read an option)
     if broker_dir is not None:
         from common.broker import admin
         from common.devbroker import status

@@ -15,6 +15,7 @@ model code crashes is retried by the broker layer and dead-lettered after the de
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -41,6 +42,8 @@ from common.messages import (
     TrainTask,
     decode,
 )
+from common.model import DynamicDLModel
+from common.release import VerifiedRelease
 from worker import trainer
 from worker.config import WorkerConfig
 from worker.data import LocalData
@@ -50,12 +53,16 @@ logger = logging.getLogger(__name__)
 
 
 def device_info() -> dict[str, object]:
-    """What the worker trains on: GPUs TensorFlow sees (memory growth on), else the CPU."""
+    """What the worker trains on: GPUs TensorFlow sees (memory growth on), else the CPU.
+
+    Called before the first model is built (TensorFlow fixes its devices when it first uses them);
+    a worker that only runs numpy models never imports TensorFlow.
+    """
     info: dict[str, object] = {"device": "cpu"}
-    try:
-        import tensorflow as tf
-    except ImportError:
+    if importlib.util.find_spec("tensorflow") is None:
         return info
+    import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         try:
@@ -75,6 +82,15 @@ class WorkerDaemon:
         self.store = ModelStore(config.cache_path(), config.public_key())
         self.ready = threading.Event()
         self.tasks_done = 0
+        self.info: dict[str, object] = {"device": "not yet chosen"}
+        self._device_chosen = False
+
+    def _load(self, release: VerifiedRelease) -> DynamicDLModel:
+        if not self._device_chosen:
+            self.info = device_info()
+            self._device_chosen = True
+            logger.info("worker %s trains on %s", self.config.name, self.info["device"])
+        return self.store.load(release)
 
     # ------------------------------------------------------------------------- publishing
 
@@ -128,7 +144,7 @@ class WorkerDaemon:
                 TaskFailed(task_id=task.task_id, worker=self.config.name, reason=f"release refused: {exc}")
             )
             return
-        model = self.store.load(release)
+        model = self._load(release)
         started = time.perf_counter()
         result = trainer.train(model, self.data, task.train)
         report = DeltaReport(
@@ -151,7 +167,7 @@ class WorkerDaemon:
                 job.model, job.version, job.weights_sha256, self._fetch, self.config.fetch_timeout_s
             )
             inputs = codec.decode_weights(job.payload)
-            outputs = trainer.apply(self.store.load(release), inputs)
+            outputs = trainer.apply(self._load(release), inputs)
             frame = codec.encode_weights(outputs)
             self._send(JobResult(job_id=job.job_id, worker=self.config.name, payload=frame))
         except FedmqError as exc:
@@ -159,12 +175,13 @@ class WorkerDaemon:
 
     # ------------------------------------------------------------------------------- loop
 
-    def heartbeat(self, info: dict[str, object]) -> None:
+    def heartbeat(self) -> None:
         samples = len(self.data) if self.data is not None else 0
-        self._send(Heartbeat(worker=self.config.name, sent_at=time.time(), info={**info, "samples": samples}))
+        self._send(
+            Heartbeat(worker=self.config.name, sent_at=time.time(), info={**self.info, "samples": samples})
+        )
 
     def run(self, stop: threading.Event) -> None:
-        info = device_info()
         consumers = [
             self.broker.consumer(worker_release_queue(self.config.name), self.on_release, prefetch=4),
             self.broker.consumer(worker_task_queue(self.config.name), self.on_task, prefetch=1),
@@ -172,11 +189,11 @@ class WorkerDaemon:
         for consumer in consumers:
             consumer.start()
         self.ready.set()
-        logger.info("worker %s running on %s", self.config.name, info["device"])
+        logger.info("worker %s running", self.config.name)
         try:
             while True:
                 try:
-                    self.heartbeat(info)
+                    self.heartbeat()
                 except BrokerError as exc:
                     logger.warning("heartbeat not sent: %s", exc)
                 if stop.wait(self.config.heartbeat_s):

@@ -30,9 +30,11 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _log_info() -> None:
+    """Daemons log fedmq's INFO messages (pika's own INFO chatter stays off)."""
     root = logging.getLogger()
     if root.level > logging.INFO:
         root.setLevel(logging.INFO)
+        logging.getLogger("pika").setLevel(logging.WARNING)
 
 
 @coordinator_app.command("run")

@@ -1,0 +1,81 @@
+"""Federated rounds end to end: real RabbitMQ, real database, coordinator and workers as processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import codec
+from common.model.numpy_model import make_linear_model
+from coordinator.registry import KeySigner, ModelRegistry
+from tests.integration.cluster import Cluster
+
+pytestmark = pytest.mark.integration
+
+
+def blobs(
+    n_workers: int, seed: int = 0, per_worker: int = 200
+) -> tuple[list[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """Three gaussian classes in 4 dimensions, split so each worker sees mostly one class."""
+    rng = np.random.default_rng(seed)
+    centers = np.array([[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0]], dtype=np.float32)
+
+    def sample(n: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.choice(3, size=n, p=weights)
+        return (centers[y] + rng.normal(0, 0.7, size=(n, 4))).astype(np.float32), y.astype(np.int64)
+
+    parts = []
+    for i in range(n_workers):
+        weights = np.full(3, 0.1)
+        weights[i % 3] = 0.8
+        x, y = sample(per_worker, weights)
+        parts.append({"x": x, "y": y})
+    return parts, sample(600, np.full(3, 1 / 3))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, rabbitmq, database_url: str) -> Iterator[Cluster]:
+    c = Cluster.create(tmp_path, database_url, rabbitmq.amqp_url, Path(rabbitmq.node.directory))
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def accuracy(cluster: Cluster, version: int, test: tuple[np.ndarray, np.ndarray]) -> float:
+    from common.model.bundle import join_model
+
+    with cluster.database() as db:
+        registry = ModelRegistry(db, KeySigner.from_settings(cluster.settings))
+        model = join_model(
+            registry.model_code("blobs"), [np.array(w) for w in registry.weights("blobs", version)]
+        )
+    return float((model(test[0]).argmax(1) == test[1]).mean())
+
+
+def test_three_workers_three_rounds_every_delta_accounted(cluster: Cluster):
+    parts, test = blobs(3)
+    cluster.register("blobs", make_linear_model(4, 3, model_id="blobs", learning_rate=0.2))
+    for i, part in enumerate(parts):
+        cluster.add_worker(f"w{i}", part)
+    cluster.start_coordinator()
+    for i in range(3):
+        cluster.start_worker(f"w{i}")
+
+    run_id = cluster.start_run("blobs", rounds=3, min_workers=3, train={"epochs": 2, "batch_size": 16})
+    view = cluster.wait_run(run_id)
+
+    assert view.state == "completed", view
+    assert [r.result_version for r in view.rounds] == [2, 3, 4]
+    for r in view.rounds:
+        assert r.state == "closed" and r.tasks == 3 and r.accepted == 3
+        assert sorted(d.worker or "" for d in r.deltas) == ["w0", "w1", "w2"]
+        assert all(d.status == "aggregated" for d in r.deltas)
+        assert r.metrics["deltas"] == 3 and r.metrics["samples"] == 600
+    with cluster.database() as db:
+        versions = ModelRegistry(db, KeySigner.from_settings(cluster.settings)).versions("blobs")
+    assert [(v.version, v.parent_version) for v in versions] == [(1, None), (2, 1), (3, 2), (4, 3)]
+    assert accuracy(cluster, 4, test) > accuracy(cluster, 1, test) + 0.3
