@@ -202,6 +202,7 @@ class StartRun(Message):
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     mode: str = "sync"
+    eval_data: str | None = None
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ class RoundEngine:
         self.clock = clock
         self.rng = rng or random.Random()
         self._base_cache: dict[int, list[np.ndarray]] = {}
+        self._eval_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -------------------------------------------------------------------------------- runs
 
@@ -125,6 +126,7 @@ class RoundEngine:
                 strategy=msg.strategy,
                 strategy_options=dict(msg.options),
                 train_options=dict(msg.train),
+                eval_data=msg.eval_data,
             )
             session.add(run)
             session.flush()
@@ -264,7 +266,7 @@ class RoundEngine:
                     raise DeltaRejectedError(f"weights do not decode: {exc}") from exc
                 norm = validate_delta(delta, base_weights, report.sample_count, self.policy)
             except DeltaRejectedError as exc:
-                self._store_rejected(session, report, task, exc.reason)
+                self._store_rejected(session, report, task, exc.reason, user_id)
                 logger.warning("delta for task %s rejected: %s", report.task_id, exc.reason)
                 return DeltaOutcome("rejected", exc.reason, task.round_id if task else None)
             blob = write_blob(session, report.payload)
@@ -311,20 +313,26 @@ class RoundEngine:
             )
         return round_, worker
 
-    def _store_rejected(self, session: Session, report: DeltaReport, task: Task | None, reason: str) -> None:
-        # A task keeps at most one delta row: a rejected delta of a known task answers that task.
+    def _store_rejected(
+        self, session: Session, report: DeltaReport, task: Task | None, reason: str, user_id: str | None
+    ) -> None:
+        # A task keeps at most one delta row, so a rejected delta answers its task only when the task's
+        # own worker sent it: anyone else's (a spoofed or misrouted report) is recorded beside the round
+        # without blocking the real worker's delta.
+        worker = session.get(Worker, task.worker_id) if task is not None and task.worker_id else None
+        own = task is not None and worker is not None and user_id == worker.name
         session.add(
             Delta(
-                task_id=task.task_id if task else None,
+                task_id=task.task_id if task and own else None,
                 round_id=task.round_id if task else None,
-                worker_id=task.worker_id if task else None,
-                worker_name=report.worker[:200],
+                worker_id=task.worker_id if task and own else None,
+                worker_name=(report.worker if own else f"{report.worker} (sent by {user_id})")[:200],
                 sample_count=max(0, min(report.sample_count, 2**62)),
                 status=DELTA_REJECTED,
                 rejection_reason=reason[:2000],
             )
         )
-        if task is not None and task.state == TASK_PENDING:
+        if own and task is not None and task.state == TASK_PENDING:
             task.state, task.done_at = TASK_FAILED, self.clock()
 
     def record_failure(self, msg: TaskFailed, user_id: str | None) -> bool:
@@ -396,6 +404,22 @@ class RoundEngine:
             )
         logger.warning("round %d failed: %s", round_.id, reason)
 
+    def _evaluate(
+        self, session: Session, model: Model, weights: list[np.ndarray], path: str
+    ) -> dict[str, Any]:
+        """Held-out metrics of the new version; a failing evaluation is recorded, never fatal."""
+        from common.model.bundle import ModelCode
+        from coordinator.evaluation import evaluate, load_eval_data
+
+        try:
+            data = self._eval_cache.get(path)
+            if data is None:
+                data = self._eval_cache[path] = load_eval_data(path)
+            return evaluate(ModelCode.from_bytes(model.code), weights, data)
+        except Exception as exc:  # model code may raise anything; the round still closes
+            logger.warning("evaluation of %s on %s failed: %s", model.name, path, exc)
+            return _evaluation_failed(exc)
+
     def _aggregate(self, session: Session, round_: Round) -> None:
         run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
         model = session.get(Model, round_.model_pk)
@@ -422,6 +446,8 @@ class RoundEngine:
         new_weights = aggregation.finish()
         metrics = _summarize_metrics(deltas)
         metrics.update(deltas=len(deltas), samples=samples)
+        if run.eval_data:
+            metrics.update(self._evaluate(session, model, new_weights, run.eval_data))
         version = self.registry.store_version_in(
             session,
             model,
@@ -448,6 +474,10 @@ class RoundEngine:
             self._open_round(session, run, model, version, number=round_.number + 1)
         elif run.state == RUN_RUNNING:
             run.state, run.finished_at = RUN_COMPLETED, self.clock()
+
+
+def _evaluation_failed(exc: Exception) -> dict[str, Any]:
+    return {"eval_error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def _summarize_metrics(deltas: Sequence[Delta]) -> dict[str, Any]:

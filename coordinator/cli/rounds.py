@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console, Group
@@ -122,6 +123,11 @@ def start_command(
     strategy: str = typer.Option("fedavg", "--strategy", help="Aggregation strategy."),
     option: list[str] = typer.Option([], "--option", "-o", help="Strategy option key=value (repeatable)."),
     train: list[str] = typer.Option([], "--train", help="Worker training option key=value, e.g. epochs=2."),
+    eval_data: str = typer.Option(
+        None,
+        "--eval-data",
+        help="Held-out .npz (x, y) on the coordinator's machine: each version's accuracy is recorded.",
+    ),
     wait: bool = typer.Option(False, "--wait", help="Follow the run's progress until it ends."),
 ) -> None:
     """Submit a training run to the coordinator (through the control queue).
@@ -144,6 +150,7 @@ def start_command(
         strategy=strategy,
         options=options,
         train=parse_options(train),
+        eval_data=str(Path(eval_data).resolve()) if eval_data else None,
     )
     submit(load_settings(), message)
     _console.print(f"run [bold]{run_id}[/] submitted: {rounds} rounds of {model}")

@@ -193,6 +193,10 @@ class Run(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None]
+    # A held-out .npz (x, y) on the coordinator's machine: each new version's accuracy on it is recorded.
+    eval_data: Mapped[str | None] = mapped_column(Text)
+    # Server optimizer state (FedAdam's moments, ...) as a weight frame, carried from round to round.
+    server_state_blob_id: Mapped[int | None] = mapped_column(ForeignKey("blobs.id"))
 
 
 class Round(Base):
