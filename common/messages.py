@@ -25,6 +25,7 @@ from common.errors import DecodeError
 
 SCHEMA_VERSION = 1
 MAX_MAP_BYTES = 256 * 1024
+MAX_NESTING = 32
 _REGISTRY: dict[str, type[Message]] = {}
 M = TypeVar("M", bound="Message")
 
@@ -162,8 +163,10 @@ def _check(value: Any, hint: Any, where: str) -> None:
     raise DecodeError(f"{where}: unsupported field type {hint}")  # a programming error, kept safe
 
 
-def _check_plain(value: Any, where: str) -> None:
-    """Any JSON-like value (options and metrics maps)."""
+def _check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Any JSON-like value (options and metrics maps), nested at most :data:`MAX_NESTING` deep."""
+    if depth > MAX_NESTING:
+        raise DecodeError(f"{where}: nested deeper than {MAX_NESTING} levels")
     if value is None or type(value) in (str, int, bool, bytes):
         return
     if type(value) is float:
@@ -172,13 +175,13 @@ def _check_plain(value: Any, where: str) -> None:
         return
     if type(value) is list:
         for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
+            _check_plain(v, f"{where}[{i}]", depth + 1)
         return
     if type(value) is dict:
         for k, v in value.items():
             if type(k) is not str:
                 raise DecodeError(f"{where}: map keys must be strings")
-            _check_plain(v, f"{where}[{k!r}]")
+            _check_plain(v, f"{where}[{k!r}]", depth + 1)
         return
     raise DecodeError(f"{where}: {type(value).__name__} is not allowed")
 
