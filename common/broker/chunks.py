@@ -47,8 +47,8 @@ CHUNK_SIZE_HEADER = "x-fedmq-chunk-size"
 SHA256_HEADER = "x-fedmq-sha256"
 CHUNK_HEADERS = (TRANSFER_HEADER, INDEX_HEADER, COUNT_HEADER, SIZE_HEADER, CHUNK_SIZE_HEADER, SHA256_HEADER)
 
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 _READ_BLOCK = 1024 * 1024
 
 
@@ -64,9 +64,9 @@ class ChunkHeader:
     sha256: str
 
     def __post_init__(self) -> None:
-        if not _ID_RE.match(self.transfer_id):
+        if not _ID_RE.fullmatch(self.transfer_id):
             raise TransferError("chunk transfer id must be 32 lowercase hex digits")
-        if not _SHA_RE.match(self.sha256):
+        if not _SHA_RE.fullmatch(self.sha256):
             raise TransferError("chunk sha256 must be 64 lowercase hex digits")
         if self.chunk_size <= 0 or self.total_size <= 0 or self.count <= 0:
             raise TransferError("chunk sizes and count must be positive")
@@ -119,7 +119,7 @@ class ChunkHeader:
                 chunk_size=int(text[CHUNK_SIZE_HEADER]),
                 sha256=str(text[SHA256_HEADER]),
             )
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, UnicodeDecodeError) as exc:
             raise TransferError(f"malformed chunk headers: {exc!r}") from exc
 
 
