@@ -34,7 +34,7 @@ import hashlib
 import logging
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
@@ -217,6 +217,28 @@ class WeightFrame:
             target[position : position + len(part)] = part
             position += len(part)
         return position
+
+    def iter_chunks(self, chunk_size: int) -> Iterator[bytes]:
+        """The frame in consecutive ``chunk_size``-byte pieces (the last may be shorter).
+
+        Each piece costs one copy of its bytes; the whole frame is never joined.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        pending: list[memoryview] = []
+        filled = 0
+        for part in self.parts:
+            while part:
+                piece = part[: chunk_size - filled]
+                pending.append(piece)
+                filled += len(piece)
+                part = part[len(piece) :]
+                if filled == chunk_size:
+                    yield b"".join(pending)
+                    pending.clear()
+                    filled = 0
+        if pending:
+            yield b"".join(pending)
 
 
 def layout_frame(weights: Sequence[object], *, limits: CodecLimits = DEFAULT_LIMITS) -> WeightFrame:
