@@ -17,12 +17,17 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from sqlalchemy import select
 
 from common.broker import BrokerConfig, RabbitmqBroker, fedmq_topology
-from common.broker.topology import RESULTS_EXCHANGE, worker_release_queue, worker_task_queue
+from common.broker.topology import (
+    DEAD_LETTER_EXCHANGE,
+    RESULTS_EXCHANGE,
+    worker_release_queue,
+    worker_task_queue,
+)
 from common.errors import AlreadyExistsError, ConfigError, NotFoundError
 from common.keyfiles import key_pair_paths
 from common.settings import Settings
@@ -44,9 +49,21 @@ def check_worker_name(name: str) -> str:
 
 
 def worker_permissions(name: str) -> tuple[str, str, str]:
-    """(configure, write, read) regular expressions for worker ``name``'s broker user."""
+    """(configure, write, read) regular expressions for worker ``name``'s broker user.
+
+    Writing to the dead-letter exchange lets the worker's consumer dead-letter a message it can
+    never process *with the reason* (a header); without it the broker still dead-letters the
+    rejected message, but the reason stays in the worker's log.
+    """
     own = "|".join(re.escape(q) for q in (worker_task_queue(name), worker_release_queue(name)))
-    return "^$", f"^{re.escape(RESULTS_EXCHANGE)}$", f"^({own})$"
+    writable = "|".join(re.escape(e) for e in (RESULTS_EXCHANGE, DEAD_LETTER_EXCHANGE))
+    return "^$", f"^({writable})$", f"^({own})$"
+
+
+def vhost_of(amqp_url: str) -> str:
+    """The virtual host an AMQP URL names (``/`` when it names none)."""
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def worker_amqp_url(base_url: str, name: str, password: str) -> str:
@@ -98,7 +115,7 @@ def add_worker(
                 f"no RabbitMQ node running in {broker_dir}: start it with `fedmq dev broker start`"
             )
         admin.add_user(node, name, password)
-        admin.set_permissions(node, name, *worker_permissions(name))
+        admin.set_permissions(node, name, *worker_permissions(name), vhost=vhost_of(settings.amqp_url))
     broker = RabbitmqBroker(
         BrokerConfig(amqp_url=settings.amqp_url), name="fedmq-admin", connect_deadline_s=10
     )

@@ -145,6 +145,7 @@ class WorkerDaemon:
             )
             return
         model = self._load(release)
+        logger.info("task %s: training %s v%d", task.task_id, task.model, task.version)
         started = time.perf_counter()
         result = trainer.train(model, self.data, task.train)
         report = DeltaReport(

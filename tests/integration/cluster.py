@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from common import devbroker
 from common.keyfiles import write_key_pair
 from common.messages import StartRun
 from common.model import DynamicDLModel
@@ -37,17 +39,25 @@ class Cluster:
     root: Path
     settings: Settings
     broker_dir: Path
+    vhost: str
     procs: dict[str, subprocess.Popen[bytes]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(
         cls, root: Path, database_url: str, amqp_url: str, broker_dir: Path, chunk_size: int = 4 << 20
     ) -> Cluster:
+        """A deployment in its own RabbitMQ virtual host, so no queue or user state leaks between tests."""
+        node = devbroker.status(broker_dir)
+        assert node is not None, f"no RabbitMQ node in {broker_dir}"
+        vhost = f"fedmq-test-{uuid.uuid4().hex[:10]}"
+        devbroker.rabbitmqctl(node, "add_vhost", vhost)
+        devbroker.rabbitmqctl(node, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        amqp_url = amqp_url.rsplit("/", 1)[0] + "/" + vhost
         settings = Settings(
             database_url=database_url, amqp_url=amqp_url, keys_dir=root / "keys", chunk_size=chunk_size
         )
         write_key_pair(settings.keys_dir)
-        cluster = cls(root, settings, broker_dir)
+        cluster = cls(root, settings, broker_dir, vhost)
         with cluster.database() as db:
             upgrade(db)
         return cluster
@@ -117,6 +127,13 @@ class Cluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop_all(self) -> None:
+        """Stop every process, then delete the virtual host with its queues."""
+        self._stop_processes()
+        node = devbroker.status(self.broker_dir)
+        if node is not None:
+            devbroker.rabbitmqctl(node, "delete_vhost", self.vhost)
+
+    def _stop_processes(self) -> None:
         for key in list(self.procs):
             proc = self.procs.pop(key)
             if proc.poll() is None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import codec
 from common.model.numpy_model import make_linear_model
 from coordinator.registry import KeySigner, ModelRegistry
 from tests.integration.cluster import Cluster
