@@ -1,56 +1,24 @@
-"""FedAvg: the sample-weighted mean of the deltas, added to the base (McMahan et al., 2017).
+"""Mean-based strategies: FedAvg, FedAvgM (server momentum) and FedProx (client proximal term).
 
-``new = base + server_lr * sum_i(n_i * delta_i) / sum_i(n_i)``, accumulated in float64 in one running
-sum per array, so memory is one model's worth (plus the base) whatever the number of deltas.
+- ``fedavg`` (McMahan et al., 2017): ``new = base + server_lr * sum_i(n_i * delta_i) / sum_i(n_i)``,
+  streamed into float64 running sums: memory is one model in float64 whatever the number of deltas.
+- ``fedavgm`` (Hsu et al., 2019): the same mean Δ, then ``m = momentum * m + Δ``,
+  ``new = base + server_lr * m``; ``m`` is the server state carried between rounds.
+- ``fedprox`` (Li et al., 2020): aggregated like FedAvg; the workers train with the proximal term
+  ``mu/2 * ||w - base||^2`` (``client_options()`` gives them ``proximal_mu``; see worker/trainer.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from common.errors import ConfigError
-from coordinator.strategies.base import Aggregation, Strategy, is_averaged
-
-
-class FedAvgAggregation(Aggregation):
-    def __init__(self, base: Sequence[np.ndarray], server_lr: float) -> None:
-        self._base = list(base)
-        self._sums: list[np.ndarray | None] = [
-            np.zeros(b.shape, dtype=np.float64) if is_averaged(b) else None for b in self._base
-        ]
-        self._weight = 0.0
-        self._count = 0
-        self._server_lr = server_lr
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def add(self, delta: Sequence[np.ndarray], sample_count: int, staleness: int = 0) -> None:
-        weight = float(max(sample_count, 0))
-        if weight == 0:
-            return
-        for total, d in zip(self._sums, delta, strict=True):
-            if total is not None:
-                total += np.multiply(d, weight, dtype=np.float64)  # one temporary of one array's size
-        self._weight += weight
-        self._count += 1
-
-    def finish(self) -> list[np.ndarray]:
-        if self._weight == 0:
-            return [np.array(b, copy=True) for b in self._base]
-        scale = self._server_lr / self._weight
-        out = []
-        for base, total in zip(self._base, self._sums, strict=True):
-            if total is None:
-                out.append(np.array(base, copy=True))
-            else:
-                total *= scale
-                total += base
-                out.append(total.astype(base.dtype, copy=False))
-        return out
+from coordinator.strategies.base import Strategy
+from coordinator.strategies.combiners import Combiner, WeightedMean
+from coordinator.strategies.options import as_float
+from coordinator.strategies.server import Momentum, PlainStep, ServerUpdate
 
 
 class FedAvg(Strategy):
@@ -58,10 +26,42 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
-    def __init__(self, server_lr: float = 1.0) -> None:
-        if not float(server_lr) > 0:
-            raise ConfigError("fedavg: server_lr must be positive")
-        super().__init__(server_lr=float(server_lr))
+    def __init__(self, *, server_lr: Any = 1.0) -> None:
+        super().__init__(server_lr=as_float(self.name, "server_lr", server_lr, low=0.0, low_open=True))
 
-    def begin(self, base: Sequence[np.ndarray]) -> Aggregation:
-        return FedAvgAggregation(base, self.options["server_lr"])
+    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+        return WeightedMean(base)
+
+    def server_update(self) -> ServerUpdate:
+        return PlainStep(self.options["server_lr"])
+
+
+class FedAvgM(Strategy):
+    """FedAvg with server momentum; options ``server_lr`` (1.0) and ``momentum`` (0.9)."""
+
+    name = "fedavgm"
+
+    def __init__(self, *, server_lr: Any = 1.0, momentum: Any = 0.9) -> None:
+        super().__init__(
+            server_lr=as_float(self.name, "server_lr", server_lr, low=0.0, low_open=True),
+            momentum=as_float(self.name, "momentum", momentum, low=0.0, high=1.0, high_open=True),
+        )
+
+    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+        return WeightedMean(base)
+
+    def server_update(self) -> ServerUpdate:
+        return Momentum(self.options["server_lr"], self.options["momentum"])
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; option ``mu`` (0.01) is the workers' proximal coefficient."""
+
+    name = "fedprox"
+
+    def __init__(self, *, mu: Any = 0.01, server_lr: Any = 1.0) -> None:
+        super().__init__(server_lr=server_lr)
+        self.options["mu"] = as_float(self.name, "mu", mu, low=0.0)
+
+    def client_options(self) -> dict[str, Any]:
+        return {"proximal_mu": self.options["mu"]}
