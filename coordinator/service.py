@@ -28,12 +28,15 @@ from common.messages import (
     DeltaReport,
     FetchModel,
     Heartbeat,
+    JobResult,
     Message,
     StartRun,
+    SubmitJob,
     TaskFailed,
     decode,
 )
 from common.release import build_release
+from coordinator import jobs
 from coordinator.db.blobs import read_blob
 from coordinator.db.engine import Database
 from coordinator.db.models import Model, ModelVersion, Worker
@@ -90,6 +93,8 @@ class Coordinator:
                 self.engine.start_run(message)
             elif isinstance(message, CancelRun):
                 self.engine.cancel_run(message)
+            elif isinstance(message, SubmitJob):
+                jobs.submit_job(self.db, message)
             else:
                 raise PoisonMessageError(f"{message.TYPE} does not belong on the control queue")
         except (ConfigError, NotFoundError) as exc:
@@ -106,6 +111,8 @@ class Coordinator:
         elif isinstance(message, TaskFailed):
             if self.engine.record_failure(message, delivery.user_id):
                 self.tick()
+        elif isinstance(message, JobResult):
+            jobs.record_result(self.db, message, delivery.user_id)
         elif isinstance(message, Heartbeat):
             self._heartbeat(message, delivery.user_id)
         else:

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from common.errors import FedmqError
-from coordinator.cli import bench, daemons, db, demo, dev, keys, models, rounds, workers
+from coordinator.cli import bench, daemons, db, demo, dev, jobs, keys, models, rounds, workers
 
 app = typer.Typer(
     name="fedmq",
@@ -32,6 +32,7 @@ app.add_typer(daemons.coordinator_app, name="coordinator")
 app.add_typer(daemons.worker_app, name="worker")
 app.add_typer(rounds.app, name="rounds")
 app.add_typer(workers.app, name="workers")
+app.add_typer(jobs.app, name="jobs")
 app.add_typer(dev.app, name="dev")
 
 

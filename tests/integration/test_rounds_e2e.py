@@ -78,3 +78,40 @@ def test_three_workers_three_rounds_every_delta_accounted(cluster: Cluster):
         versions = ModelRegistry(db, KeySigner.from_settings(cluster.settings)).versions("blobs")
     assert [(v.version, v.parent_version) for v in versions] == [(1, None), (2, 1), (3, 2), (4, 3)]
     assert accuracy(cluster, 4, test) > accuracy(cluster, 1, test) + 0.3
+
+
+def test_an_apply_job_runs_at_a_worker_and_its_outputs_are_kept(cluster: Cluster):
+    from typer.testing import CliRunner
+
+    from coordinator.cli.main import app
+
+    # Prepare
+    model = make_linear_model(4, 3, model_id="blobs", seed=4)
+    parts, (x_test, _) = blobs(1)
+    cluster.register("blobs", model)
+    cluster.add_worker("w0", parts[0])
+    cluster.start_coordinator()
+    cluster.start_worker("w0")
+    np.save(cluster.root / "inputs.npy", x_test[:5])
+
+    # Execute: the CLI submits through the control queue and waits for the worker's answer.
+    result = CliRunner().invoke(
+        app,
+        [
+            "jobs",
+            "submit",
+            "apply",
+            "blobs",
+            "--input",
+            str(cluster.root / "inputs.npy"),
+            "--wait",
+            "--out",
+            str(cluster.root / "out.npy"),
+        ],
+        env=cluster.env(),
+    )
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "done" in result.output
+    np.testing.assert_allclose(np.load(cluster.root / "out.npy"), model(x_test[:5]), rtol=1e-6)
