@@ -41,13 +41,16 @@ def train(model: DynamicDLModel, data: LocalData, options: dict[str, Any] | None
     """Learn on ``data`` from ``model`` (left unchanged) and return the delta and metrics.
 
     Options: ``epochs`` (default 1; each epoch is one call of the model's incremental learning),
-    ``batch_size`` (default 32), ``max_samples`` (use at most this many local samples).
+    ``batch_size`` (default 32), ``max_samples`` (use at most this many local samples),
+    ``proximal_mu`` (FedProx, default 0: after each epoch the weights are pulled towards the base,
+    see :func:`proximal_pull`).
     """
     options = dict(options or {})
     if not model.can_incremental_learn():
         raise ModelError(f"model {model.model_id!r} has no incremental_learn_function")
     epochs = int(options.get("epochs", 1))
     batch_size = int(options.get("batch_size", 32))
+    mu = float(options.get("proximal_mu", 0.0))
     x, y = data.x, data.y
     if "max_samples" in options:
         x, y = x[: int(options["max_samples"])], y[: int(options["max_samples"])]
@@ -55,16 +58,54 @@ def train(model: DynamicDLModel, data: LocalData, options: dict[str, Any] | None
     trained = model.copy()
     before = _accuracy(trained, local)
     started = time.perf_counter()
+    anchor = _weight_list(model) if mu > 0 else []
     for _ in range(max(1, epochs)):
         trained.incremental_learn(x, y, batch_size, 1)
+        if mu > 0:
+            trained.set_weights(proximal_pull(_weight_list(trained), anchor, mu))
     seconds = time.perf_counter() - started
     after = _accuracy(trained, local)
     delta_model = trained - model
     delta = [np.asarray(w) for w in delta_model.get_weights()]
     metrics = {"train_seconds": seconds, "epochs": float(epochs)}
+    if mu > 0:
+        metrics["proximal_mu"] = mu
     if before is not None and after is not None:
         metrics.update(local_accuracy_before=before, local_accuracy_after=after)
     return TrainingResult(delta=delta, sample_count=len(x), metrics=metrics)
+
+
+def proximal_pull(weights: list[np.ndarray], anchor: list[np.ndarray], mu: float) -> list[np.ndarray]:
+    """FedProx's proximal step: ``anchor + (w - anchor) / (1 + mu)`` for each floating-point array.
+
+    FedProx (Li et al., 2020) minimises ``F(w) + mu/2 * ||w - anchor||^2`` locally, where F is the
+    local loss. The model's learning code is opaque (a dafne ``incremental_learn_function``: Keras
+    ``fit``, numpy SGD, ...), so the term cannot be added to its loss or gradients. Instead each
+    epoch of the model's own training (a forward step on F) is followed by the exact proximal step
+    of the quadratic term, ``argmin_u mu/2 ||u - anchor||^2 + 1/2 ||u - w||^2``, which is this
+    formula: proximal gradient descent, needing nothing from the model but ``get_weights`` and
+    ``set_weights``. Each epoch's drift from the base shrinks by ``1 / (1 + mu)``. Its fixed point
+    solves ``gamma * grad F(w) + mu * (w - anchor) = 0``, where gamma is the epoch's effective step
+    (learning rate times steps): the paper's coefficient is ``mu / gamma``, so ``mu`` here is a
+    pull per epoch, independent of the model's optimizer. Integer arrays (counters) are left as
+    trained.
+    """
+    if len(weights) != len(anchor):
+        raise ModelError(f"proximal term: {len(weights)} weight arrays, the base has {len(anchor)}")
+    pulled = []
+    for w, a in zip(weights, anchor, strict=True):
+        if np.issubdtype(w.dtype, np.floating):
+            pulled.append((a + (w - a) / (1.0 + mu)).astype(w.dtype, copy=False))
+        else:
+            pulled.append(w)
+    return pulled
+
+
+def _weight_list(model: DynamicDLModel) -> list[np.ndarray]:
+    weights = model.get_weights()
+    if not isinstance(weights, list | tuple):
+        raise ModelError(f"model {model.model_id!r}: proximal_mu needs weights as a list of arrays")
+    return [np.array(w, copy=True) for w in weights]
 
 
 def apply(model: DynamicDLModel, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -186,7 +186,14 @@ def krum_scores(dist: np.ndarray, candidates: list[int], f: int) -> np.ndarray:
     neighbours = min(max(1, count - f - 2), count - 1)
     sub = dist[np.ix_(candidates, candidates)]
     np.fill_diagonal(sub, np.inf)
-    return np.sort(sub, axis=1)[:, :neighbours].sum(axis=1)
+    return _snap(np.sort(sub, axis=1)[:, :neighbours].sum(axis=1))
+
+
+def _snap(scores: np.ndarray) -> np.ndarray:
+    """Scores rounded to 36 significant bits, so that equal scores (mutual nearest neighbours) tie
+    exactly whatever the block size's rounding, and ties go to the lowest index."""
+    mantissa, exponent = np.frexp(scores)
+    return np.ldexp(np.round(mantissa * 2.0**36) / 2.0**36, exponent)
 
 
 def _median(matrix: np.ndarray) -> np.ndarray:
