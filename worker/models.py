@@ -5,6 +5,12 @@ new version), or fetched by request/reply (the RabbitMQ counterpart of dafne-dl'
 ``RemoteModelProvider``). Whatever the way, :func:`common.release.open_release` verifies it against
 the coordinator's key before anything in it is parsed or compiled; the cache holds the release
 bytes and is verified again when read, so a tampered cache file is refused like a tampered message.
+
+Replays: a release that arrives unasked (the releases fanout announces the newest version) must not
+be older than the newest version the store has accepted for that model, or it is refused with
+:class:`~common.errors.StaleVersionError` before anything in it is read. A release the store asked
+for (a task names an explicit version, which the store fetches or reads from its cache) may be
+older: tasks legitimately train older versions. The high-water mark lives in memory, per process.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.errors import DecodeError, FedmqError, SignatureError
+from common.errors import DecodeError, FedmqError, SignatureError, StaleVersionError
 from common.messages import ModelRelease, decode
 from common.model import DynamicDLModel
 from common.model.bundle import join_model
@@ -35,15 +41,33 @@ class ModelStore:
         self.cache_dir = cache_dir
         self.trusted = trusted
         self._releases: dict[tuple[str, int], VerifiedRelease] = {}
+        self._latest: dict[str, int] = {}
+        self._requested: set[tuple[str, int]] = set()
         self._arrived = threading.Condition()
 
     def _path(self, model: str, version: int) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
         return self.cache_dir / safe / f"v{version}.release"
 
-    def add(self, body: bytes) -> VerifiedRelease:
-        """Verify a release body and keep it (memory and disk). Raises SignatureError / DecodeError."""
+    def latest(self, model: str) -> int | None:
+        """The newest version of ``model`` this store has accepted, if any."""
+        with self._arrived:
+            return self._latest.get(model)
+
+    def add(self, body: bytes, *, explicit: bool = False) -> VerifiedRelease:
+        """Verify a release body and keep it (memory and disk). Raises SignatureError / DecodeError.
+
+        An unasked release (not ``explicit``, not fetched by :meth:`get`) older than the newest
+        accepted version of its model is a replay: StaleVersionError (see the module docstring).
+        """
         release = decode(body, ModelRelease)
+        with self._arrived:
+            asked = explicit or (release.model, release.version) in self._requested
+            newest = self._latest.get(release.model)
+        if not asked and newest is not None and release.version < newest:
+            raise StaleVersionError(
+                f"{release.model} v{release.version} announced after v{newest}: a replayed release"
+            )
         verified = open_release(release, self.trusted)
         path = self._path(verified.model, verified.version)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +76,8 @@ class ModelStore:
         os.replace(tmp, path)
         with self._arrived:
             self._releases[(verified.model, verified.version)] = verified
+            self._requested.discard((verified.model, verified.version))
+            self._latest[verified.model] = max(verified.version, self._latest.get(verified.model, 0))
             # Keep the newest two versions of each model in memory; older ones stay on disk.
             versions = sorted(v for (m, v) in self._releases if m == verified.model)
             for old in versions[:-2]:
@@ -65,7 +91,7 @@ class ModelStore:
         if not path.exists():
             return None
         try:
-            return self.add(path.read_bytes())
+            return self.add(path.read_bytes(), explicit=True)
         except (SignatureError, DecodeError) as exc:
             logger.warning("cached release %s refused (%s); fetching it again", path, exc)
             path.unlink(missing_ok=True)
@@ -80,6 +106,8 @@ class ModelStore:
         if found is None:
             found = self._from_disk(model, version)
         if found is None:
+            with self._arrived:
+                self._requested.add((model, version))
             fetch(model, version)
             with self._arrived:
                 self._arrived.wait_for(
