@@ -77,7 +77,7 @@ class WeightedMean(Combiner):
                 continue
             flat_total, flat = total.reshape(-1), np.ravel(array)
             if first:  # the sums start as the first delta: no zeros to read
-                np.multiply(flat, factor, out=flat_total)
+                np.multiply(flat, factor, out=flat_total, dtype=np.float64)
             else:
                 _add_scaled(flat_total, flat, factor, self._scratch)
         self._weight += weight
@@ -97,6 +97,6 @@ def _add_scaled(total: np.ndarray, flat: np.ndarray, factor: float, scratch: np.
     for start in range(0, flat.size, scratch.size):
         stop = min(start + scratch.size, flat.size)
         work = scratch[: stop - start]
-        np.multiply(flat[start:stop], factor, out=work)
+        np.multiply(flat[start:stop], factor, out=work, dtype=np.float64)
         part = total[start:stop]
         np.add(part, work, out=part)

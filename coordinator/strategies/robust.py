@@ -65,7 +65,7 @@ class HeldDeltas(Combiner):
                 stop = min(start + coords, size)
                 matrix = buffer[: len(rows) * (stop - start)].reshape(len(rows), stop - start)
                 for out, r, flat in zip(matrix, rows, flats, strict=True):
-                    np.multiply(flat[start:stop], self.scales[r], out=out)
+                    np.multiply(flat[start:stop], self.scales[r], out=out, dtype=np.float64)
                 yield j, slice(start, stop), matrix
 
     def reduce(self, rows: Sequence[int], rule: BlockRule) -> list[np.ndarray | None]:

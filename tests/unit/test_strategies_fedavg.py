@@ -56,3 +56,37 @@ def test_validation_returns_the_norm_and_rejects_with_reasons():
     for delta, count, policy, reason in cases:
         with pytest.raises(DeltaRejectedError, match=reason):
             validate_delta(delta, base, count, policy)
+
+
+def test_fedavg_streams_large_arrays_with_float64_accuracy():
+    rng = np.random.default_rng(1)
+    base = [rng.standard_normal((3, 100_001)).astype(np.float32), np.zeros(5, np.float32)]
+    deltas = [[rng.standard_normal(b.shape).astype(np.float32) for b in base] for _ in range(5)]
+    counts = [1, 7, 30, 2, 11]
+    agg = get_strategy("fedavg").begin(base)
+
+    for delta, count in zip(deltas, counts, strict=True):
+        agg.add(delta, count)
+    new = agg.finish()
+
+    for j, b in enumerate(base):
+        mean = np.average(np.stack([d[j].astype(np.float64) for d in deltas]), axis=0, weights=counts)
+        expected = (b.astype(np.float64) + mean).astype(np.float32)
+        np.testing.assert_array_equal(new[j], expected)
+
+
+def test_fedavg_keeps_no_delta_after_adding_it():
+    import gc
+    import weakref
+
+    base = [np.zeros(1000, np.float32)]
+    agg = get_strategy("fedavg").begin(base)
+    delta = [np.ones(1000, np.float32)]
+    alive = weakref.ref(delta[0])
+
+    agg.add(delta, 3)
+    del delta
+    gc.collect()
+
+    assert alive() is None, "FedAvg holds one running sum, not the deltas"
+    assert agg.finish()[0].tolist() == [1.0] * 1000
