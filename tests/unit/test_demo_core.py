@@ -18,7 +18,7 @@ def test_core_demo_improves_accuracy_and_refuses_tampering():
 
 
 def test_demo_command_prints_the_accuracy_table():
-    outcome = CliRunner().invoke(app, ["demo", "--epochs", "1"])
+    outcome = CliRunner().invoke(app, ["demo", "core", "--epochs", "1"])
 
     assert outcome.exit_code == 0, outcome.output
     assert "version 2 = v1 + decoded delta" in outcome.output
