@@ -18,11 +18,22 @@ Every error fedmq raises on purpose derives from :class:`FedmqError`; third-part
     │   ├── BadSignatureError        the signature does not verify over the header
     │   ├── PayloadMismatchError     the payload's sha256 differs from the signed header
     │   ├── ExpiredEnvelopeError
-    │   └── StaleVersionError        an older version than one already accepted (replay)
+    │   ├── StaleVersionError        an older version than one already accepted (replay)
+    │   └── UnexpectedEnvelopeError  a valid envelope of another kind or model
     ├── KeyFileError                 a key file that cannot be read, written or parsed
-    ├── StorageError                 the database: unreachable, locked, out-of-date schema
+    ├── StorageError                 the database
+    │   ├── DatabaseUnavailableError, DatabaseLockedError, SchemaOutOfDateError
+    │   └── ImmutableRecordError     an attempt to change a stored version or blob
     ├── NotFoundError                a model, version, round, job or worker that does not exist
-    └── BrokerError                  RabbitMQ: unreachable, refused, channel closed
+    ├── AlreadyExistsError           a name that is taken
+    ├── RequestError                 a command's input that cannot be used (unreadable file, ...)
+    ├── EncodeError                  weights the codec cannot encode (dtype not allowed, ...)
+    ├── PoisonMessageError           a message that can never be processed: dead-letter it
+    └── BrokerError                  RabbitMQ
+        ├── BrokerUnreachableError, BrokerAccessRefusedError, BrokerChannelClosedError
+        ├── UnroutableMessageError   a mandatory message no queue takes
+        ├── MessageNackedError, DevBrokerError
+        (TransferError, a DecodeError: a chunked transfer that cannot be reassembled)
 """
 
 from __future__ import annotations

@@ -26,9 +26,11 @@ _console = Console(soft_wrap=True, highlight=False)
 
 
 def default_keys_dir() -> Path:
-    """The keys directory when --dir is not given: $FEDMQ_KEYS_DIR, else ./.fedmq/keys."""
-    # The settings object will take this over; until then it is decided here and only here.
-    return Path(os.environ.get(KEYS_DIR_ENV) or Path(".fedmq") / "keys")
+    """The keys directory when --dir is not given: the settings' keys_dir ($FEDMQ_KEYS_DIR, the
+    config file, else ./.fedmq/keys)."""
+    from common.settings import load_settings
+
+    return load_settings().keys_dir
 
 
 @app.command()
