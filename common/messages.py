@@ -83,6 +83,8 @@ def decode(body: bytes | bytearray | memoryview, expected: type[M] | None = None
         raise DecodeError(f"message: not msgpack ({type(exc).__name__}: {exc})") from exc
     if type(head) is not dict:
         raise DecodeError(f"message: expected a map, got {type(head).__name__}")
+    if any(type(key) is not str for key in head):
+        raise DecodeError("message: every key of the map must be a string")
     if head.get("v") != SCHEMA_VERSION:
         raise DecodeError(f"message: schema version {head.get('v')!r} is not supported")
     name = head.get("type")
