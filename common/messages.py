@@ -208,6 +208,7 @@ class StartRun(Message):
     train: dict[str, Any] = field(default_factory=dict)
     mode: str = "sync"
     eval_data: str | None = None
+    max_staleness: int = 10
 
 
 @dataclass(frozen=True)

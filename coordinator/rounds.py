@@ -104,8 +104,10 @@ class RoundEngine:
         get_strategy(msg.strategy, msg.options)  # ConfigError before anything is written
         if msg.rounds < 1 or msg.min_workers < 1 or not 0 < msg.fraction <= 1 or msg.deadline_s <= 0:
             raise ConfigError("rounds and min_workers must be >= 1, fraction in (0, 1], deadline positive")
-        if msg.mode != "sync":
-            raise ConfigError(f"mode {msg.mode!r} is not supported yet; use sync")
+        if msg.mode not in ("sync", "async"):
+            raise ConfigError(f"mode {msg.mode!r}: choose sync or async")
+        if msg.max_staleness < 0:
+            raise ConfigError("max_staleness must be >= 0")
         with self.db.session(write=True) as session:
             if session.scalar(select(Run.id).where(Run.run_id == msg.run_id)) is not None:
                 logger.info("run %s already recorded; ignoring the duplicate submission", msg.run_id)
@@ -127,6 +129,7 @@ class RoundEngine:
                 strategy_options=dict(msg.options),
                 train_options=dict(msg.train),
                 eval_data=msg.eval_data,
+                max_staleness=msg.max_staleness if msg.mode == "async" else None,
             )
             session.add(run)
             session.flush()
@@ -188,9 +191,20 @@ class RoundEngine:
         chosen += self.rng.sample(silent, want - len(chosen))
         return sorted(chosen, key=lambda w: w.name)
 
-    def _open_round(self, session: Session, run: Run, model: Model, base: ModelVersion, number: int) -> Round:
-        workers = self._choose_workers(session, run)
-        if len(workers) < run.min_workers:
+    def _open_round(
+        self,
+        session: Session,
+        run: Run,
+        model: Model,
+        base: ModelVersion,
+        number: int,
+        issue_tasks: bool = True,
+    ) -> Round:
+        """Open round ``number`` of ``run`` on ``base``; in sync mode (and an async run's first buffer)
+        send a task to each chosen worker. An async round is a buffer of K deltas with no deadline
+        of its own beyond ``deadline_s`` from its opening."""
+        workers = self._choose_workers(session, run) if issue_tasks else []
+        if issue_tasks and len(workers) < run.min_workers:
             raise ConfigError(
                 f"run {run.run_id}: {len(workers)} workers available, {run.min_workers} required "
                 "(add workers with `fedmq workers add`)"
@@ -210,39 +224,49 @@ class RoundEngine:
         session.add(round_)
         session.flush()
         for worker in workers:
-            task_id = uuid.uuid4().hex
-            session.add(
-                Task(
-                    task_id=task_id, round_id=round_.id, worker_id=worker.id, state=TASK_PENDING, sent_at=now
-                )
+            self._issue_task(session, run, round_, model, base, worker)
+        if issue_tasks:
+            logger.info(
+                "run %s round %d: %s v%d to %d workers",
+                run.run_id,
+                number,
+                model.name,
+                base.version,
+                len(workers),
             )
-            message = TrainTask(
+        return round_
+
+    def _issue_task(
+        self, session: Session, run: Run, round_: Round, model: Model, base: ModelVersion, worker: Worker
+    ) -> None:
+        """One task (and its message, through the outbox) for ``worker`` to train ``base``."""
+        task_id = uuid.uuid4().hex
+        session.add(
+            Task(
                 task_id=task_id,
                 round_id=round_.id,
-                model=model.name,
-                version=base.version,
-                weights_sha256=base.weights_sha256,
-                train=dict(run.train_options or {}),
-                deadline=round_.deadline.timestamp() if round_.deadline else None,
+                worker_id=worker.id,
+                state=TASK_PENDING,
+                sent_at=self.clock(),
             )
-            session.add(
-                OutboxMessage(
-                    message_id=f"task-{task_id}",
-                    exchange=TASKS_EXCHANGE,
-                    routing_key=worker.name,
-                    headers=None,
-                    body=message.encode(),
-                )
-            )
-        logger.info(
-            "run %s round %d: %s v%d to %d workers",
-            run.run_id,
-            number,
-            model.name,
-            base.version,
-            len(workers),
         )
-        return round_
+        message = TrainTask(
+            task_id=task_id,
+            round_id=round_.id,
+            model=model.name,
+            version=base.version,
+            weights_sha256=base.weights_sha256,
+            train=dict(run.train_options or {}),
+            deadline=round_.deadline.timestamp() if round_.deadline and run.mode == "sync" else None,
+        )
+        session.add(
+            OutboxMessage(
+                message_id=f"task-{task_id}",
+                exchange=TASKS_EXCHANGE,
+                routing_key=worker.name,
+                body=message.encode(),
+            )
+        )
 
     # ------------------------------------------------------------------------------ deltas
 
@@ -252,8 +276,13 @@ class RoundEngine:
             task = session.scalar(select(Task).where(Task.task_id == report.task_id))
             if task is not None and session.scalar(select(Delta.id).where(Delta.task_id == task.task_id)):
                 return DeltaOutcome("duplicate", "this task's delta was already received", task.round_id)
+            staleness = 0
             try:
-                round_, worker = self._check_report(session, report, task, user_id)
+                run = self._run_of(session, task)
+                if run is not None and task is not None and run.mode == "async":
+                    round_, worker, staleness = self._check_async_report(session, report, task, run, user_id)
+                else:
+                    round_, worker = self._check_report(session, report, task, user_id)
                 assert task is not None
                 base_weights = self._base_weights(session, round_)
                 limits = codec.CodecLimits(
@@ -276,23 +305,32 @@ class RoundEngine:
                     round_id=round_.id,
                     worker_id=worker.id,
                     worker_name=worker.name,
-                    base_version_id=round_.base_version_id,
+                    base_version_id=self._task_base_id(session, task),
                     weights_blob_id=blob.id,
                     sample_count=report.sample_count,
                     norm=norm,
                     status=DELTA_ACCEPTED,
-                    metrics=dict(report.metrics),
+                    metrics={**report.metrics, "staleness": staleness},
                 )
             )
             task.state, task.done_at = TASK_DONE, self.clock()
             worker.last_seen_at = self.clock()
             return DeltaOutcome("accepted", round_id=round_.id)
 
-    def _check_report(
-        self, session: Session, report: DeltaReport, task: Task | None, user_id: str | None
-    ) -> tuple[Round, Worker]:
+    @staticmethod
+    def _run_of(session: Session, task: Task | None) -> Run | None:
         if task is None:
-            raise DeltaRejectedError(f"unknown task {report.task_id!r}")
+            return None
+        round_ = session.get(Round, task.round_id)
+        return session.scalar(select(Run).where(Run.run_id == round_.run_id)) if round_ is not None else None
+
+    @staticmethod
+    def _task_base_id(session: Session, task: Task) -> int:
+        round_ = session.get(Round, task.round_id)
+        assert round_ is not None
+        return round_.base_version_id
+
+    def _check_worker(self, session: Session, report: DeltaReport, task: Task, user_id: str | None) -> Worker:
         worker = session.get(Worker, task.worker_id) if task.worker_id is not None else None
         if worker is None or worker.status != "active":
             raise DeltaRejectedError(f"task {report.task_id} has no active worker")
@@ -300,6 +338,42 @@ class RoundEngine:
             raise DeltaRejectedError(f"task {report.task_id} belongs to {worker.name}, not {report.worker}")
         if user_id != worker.name:
             raise DeltaRejectedError(f"sent by broker user {user_id!r}, not by worker {worker.name!r}")
+        return worker
+
+    def _check_async_report(
+        self, session: Session, report: DeltaReport, task: Task, run: Run, user_id: str | None
+    ) -> tuple[Round, Worker, int]:
+        """An async delta counts in the run's open buffer if it is at most ``max_staleness`` behind."""
+        worker = self._check_worker(session, report, task, user_id)
+        if run.state != RUN_RUNNING:
+            raise DeltaRejectedError(f"run {run.run_id} is {run.state}")
+        current = session.scalar(
+            select(Round)
+            .where(Round.run_id == run.run_id, Round.state == ROUND_OPEN)
+            .order_by(Round.number.desc())
+        )
+        if current is None:
+            raise DeltaRejectedError(f"run {run.run_id} has no open buffer")
+        task_base = session.get(ModelVersion, self._task_base_id(session, task))
+        current_base = session.get(ModelVersion, current.base_version_id)
+        assert task_base is not None and current_base is not None
+        if report.base_version != task_base.version or report.base_weights_sha256 != task_base.weights_sha256:
+            raise DeltaRejectedError(
+                f"delta against version {report.base_version}, the task trains version {task_base.version}"
+            )
+        staleness = current_base.version - task_base.version
+        if staleness > (run.max_staleness if run.max_staleness is not None else 10):
+            raise DeltaRejectedError(
+                f"staleness {staleness} exceeds the run's maximum of {run.max_staleness}"
+            )
+        return current, worker, staleness
+
+    def _check_report(
+        self, session: Session, report: DeltaReport, task: Task | None, user_id: str | None
+    ) -> tuple[Round, Worker]:
+        if task is None:
+            raise DeltaRejectedError(f"unknown task {report.task_id!r}")
+        worker = self._check_worker(session, report, task, user_id)
         round_ = session.get(Round, task.round_id)
         if round_ is None or round_.id != report.round_id:
             raise DeltaRejectedError(f"task {report.task_id} is not part of round {report.round_id}")
@@ -373,14 +447,23 @@ class RoundEngine:
             round_ = session.scalar(query)
             if round_ is None or round_.state != ROUND_OPEN:
                 return None
-            tasks = list(session.scalars(select(Task).where(Task.round_id == round_id)))
+            run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
+            if run is not None and run.mode == "async":
+                return self._advance_async(session, run, round_)
+            # Counted in SQL: loading every task row made each delta O(tasks in the round).
+            pending = (
+                session.scalar(
+                    select(func.count()).where(Task.round_id == round_id, Task.state == TASK_PENDING)
+                )
+                or 0
+            )
             accepted = (
                 session.scalar(
                     select(func.count()).where(Delta.round_id == round_id, Delta.status == DELTA_ACCEPTED)
                 )
                 or 0
             )
-            all_answered = all(t.state != TASK_PENDING for t in tasks)
+            all_answered = pending == 0
             past_deadline = round_.deadline is not None and self.clock() >= round_.deadline
             if accepted >= round_.quorum and (all_answered or past_deadline):
                 self._aggregate(session, round_)
@@ -392,6 +475,51 @@ class RoundEngine:
                 self._fail_round(session, round_, reason)
                 return ROUND_FAILED
             return None
+
+    def _advance_async(self, session: Session, run: Run, round_: Round) -> str | None:
+        """Aggregate a full buffer; fail one that stays short past its deadline; keep workers busy."""
+        accepted = (
+            session.scalar(
+                select(func.count()).where(Delta.round_id == round_.id, Delta.status == DELTA_ACCEPTED)
+            )
+            or 0
+        )
+        state: str | None = None
+        if accepted >= round_.quorum:
+            self._aggregate(session, round_)
+            state = ROUND_CLOSED
+        elif round_.deadline is not None and self.clock() >= round_.deadline:
+            self._fail_round(
+                session, round_, f"{accepted} of {round_.quorum} deltas when the deadline passed"
+            )
+            return ROUND_FAILED
+        if run.state == RUN_RUNNING:
+            self._refill_tasks(session, run)
+        return state
+
+    def _refill_tasks(self, session: Session, run: Run) -> None:
+        """Give every worker of an async run without a pending task a task on the newest version."""
+        current = session.scalar(
+            select(Round)
+            .where(Round.run_id == run.run_id, Round.state == ROUND_OPEN)
+            .order_by(Round.number.desc())
+        )
+        if current is None:
+            return
+        run_rounds = select(Round.id).where(Round.run_id == run.run_id)
+        worker_ids = set(session.scalars(select(Task.worker_id).where(Task.round_id.in_(run_rounds))))
+        busy = set(
+            session.scalars(
+                select(Task.worker_id).where(Task.round_id.in_(run_rounds), Task.state == TASK_PENDING)
+            )
+        )
+        model = session.get(Model, run.model_pk)
+        base = session.get(ModelVersion, current.base_version_id)
+        assert model is not None and base is not None
+        for worker_id in sorted(w for w in worker_ids - busy if w is not None):
+            worker = session.get(Worker, worker_id)
+            if worker is not None and worker.status == "active":
+                self._issue_task(session, run, current, model, base, worker)
 
     def _fail_round(self, session: Session, round_: Round, reason: str) -> None:
         round_.state, round_.reason, round_.closed_at = ROUND_FAILED, reason, self.clock()
@@ -440,7 +568,8 @@ class RoundEngine:
         for delta in deltas:
             assert delta.weights_blob_id is not None
             weights = codec.decode_weights(read_blob(session, delta.weights_blob_id))
-            aggregation.add(weights, delta.sample_count)
+            staleness = int((delta.metrics or {}).get("staleness", 0))
+            aggregation.add(weights, delta.sample_count, staleness=staleness)
             samples += delta.sample_count
             delta.status = DELTA_AGGREGATED
         new_weights = aggregation.finish()
@@ -471,7 +600,9 @@ class RoundEngine:
             version.version,
         )
         if run.state == RUN_RUNNING and round_.number < run.rounds_total:
-            self._open_round(session, run, model, version, number=round_.number + 1)
+            self._open_round(
+                session, run, model, version, number=round_.number + 1, issue_tasks=run.mode == "sync"
+            )
         elif run.state == RUN_RUNNING:
             run.state, run.finished_at = RUN_COMPLETED, self.clock()
 

@@ -128,9 +128,21 @@ def start_command(
         "--eval-data",
         help="Held-out .npz (x, y) on the coordinator's machine: each version's accuracy is recorded.",
     ),
+    mode: str = typer.Option(
+        "sync",
+        "--mode",
+        help="sync: rounds wait for a quorum; async: a new version every K = --min-workers deltas (FedBuff).",
+    ),
+    max_staleness: int = typer.Option(
+        10, "--max-staleness", min=0, help="async: reject deltas more than this many versions behind."
+    ),
     wait: bool = typer.Option(False, "--wait", help="Follow the run's progress until it ends."),
 ) -> None:
     """Submit a training run to the coordinator (through the control queue).
+
+    In async mode every worker trains continuously on the newest version it is given; the
+    coordinator aggregates every K accepted deltas (K = --min-workers), weighting each delta by its
+    staleness, and --rounds counts the versions to produce.
 
     Example: fedmq rounds start digits --rounds 10 --min-workers 3 --deadline 5m --train epochs=2 --wait
     """
@@ -151,6 +163,8 @@ def start_command(
         options=options,
         train=parse_options(train),
         eval_data=str(Path(eval_data).resolve()) if eval_data else None,
+        mode=mode,
+        max_staleness=max_staleness,
     )
     submit(load_settings(), message)
     _console.print(f"run [bold]{run_id}[/] submitted: {rounds} rounds of {model}")

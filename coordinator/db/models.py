@@ -197,6 +197,8 @@ class Run(Base):
     eval_data: Mapped[str | None] = mapped_column(Text)
     # Server optimizer state (FedAdam's moments, ...) as a weight frame, carried from round to round.
     server_state_blob_id: Mapped[int | None] = mapped_column(ForeignKey("blobs.id"))
+    # Asynchronous runs: deltas more versions behind the current one than this are rejected.
+    max_staleness: Mapped[int | None] = mapped_column(Integer)
 
 
 class Round(Base):

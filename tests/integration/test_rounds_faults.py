@@ -254,3 +254,40 @@ def test_a_model_larger_than_the_chunk_size_completes_a_round(
         info = ModelRegistry(db, KeySigner.from_settings(cluster.settings)).version("big", 2)
     assert info.weights_size > 40_000_000 > cluster.settings.chunk_size * 9
     check_oracle(cluster)
+
+
+def test_async_run_is_not_blocked_by_a_slow_worker_while_sync_waits_for_it(sqlite_cluster: Cluster):
+    # Prepare: w2 holds ten times the data of w0 and w1, so each of its tasks takes ten times longer.
+    cluster = sqlite_cluster
+    cluster.register("m", make_linear_model(4, 3, model_id="m"))
+    parts = gaussian_parts(2, 300) + gaussian_parts(1, 3000, seed=9)
+    for i, part in enumerate(parts):
+        cluster.add_worker(f"w{i}", part)
+    cluster.start_coordinator()
+    for i in range(3):
+        cluster.start_worker(f"w{i}")
+    train = {"epochs": 100, "batch_size": 8}
+
+    # Execute: an async run producing 4 versions from buffers of 2 deltas ...
+    async_id = cluster.start_run("m", rounds=4, min_workers=2, mode="async", max_staleness=3, train=train)
+    async_view = cluster.wait_run(async_id, timeout_s=300)
+    # ... then a sync round that needs all three workers.
+    sync_id = cluster.start_run("m", rounds=1, min_workers=3, train=train)
+    cluster.wait_for(
+        "the fast workers' sync deltas",
+        lambda: (v := cluster.run(sync_id)) is not None and bool(v.rounds) and v.rounds[0].accepted >= 2,
+        timeout_s=120,
+    )
+    sync_open = cluster.run(sync_id)
+    sync_view = cluster.wait_run(sync_id, timeout_s=300)
+
+    # Assert: the async run made its 4 versions mostly from the fast workers' deltas (staleness
+    # recorded), while the sync round stayed open until the slow worker answered.
+    assert async_view.state == "completed"
+    assert [r.result_version for r in async_view.rounds] == [2, 3, 4, 5]
+    aggregated = [d for r in async_view.rounds for d in r.deltas if d.status == "aggregated"]
+    assert len(aggregated) == 8
+    assert sum(1 for d in aggregated if d.worker == "w2") <= 2
+    assert sync_open is not None and sync_open.state == "running" and sync_open.rounds[0].state == "open"
+    assert sync_view.state == "completed" and sync_view.rounds[0].accepted == 3
+    check_oracle(cluster)
