@@ -2,8 +2,8 @@
 
 A combiner sees each delta once through :meth:`Combiner.add` with a weight (the sample count, or 1)
 and a scale (the clipping factor, applied lazily so that no delta is copied). :meth:`Combiner.result`
-returns one float64 array per averaged (floating-point) base array and None for the others, or None
-altogether when nothing was added.
+returns a :class:`Combined`: one float64 array per averaged (floating-point) base array and None for
+the others, times a scale; or None altogether when nothing was added.
 
 :class:`WeightedMean` keeps one float64 running sum per array, so its memory is one model in float64
 whatever the number of deltas; it adds each delta in cache-sized blocks through a reused scratch
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-SCRATCH_COORDS = 1 << 16
-"""Coordinates per block of the streaming mean: 512 KiB of float64, which stays in the L2 cache."""
+SCRATCH_COORDS = 1 << 15
+"""Coordinates per block of the streaming mean: 256 KiB of float64, so a block of the sums, of the
+scratch and of the delta stay in a 1 MiB L2 cache together."""
 
 
 def is_averaged(array: np.ndarray) -> bool:
@@ -39,6 +41,17 @@ def l2_norm(delta: Sequence[np.ndarray]) -> float:
     return float(np.sqrt(squares))
 
 
+@dataclass
+class Combined:
+    """An aggregated delta: ``scale * arrays[j]`` for each averaged array j (None for the others).
+
+    The arrays are float64 and belong to the receiver, which may overwrite them.
+    """
+
+    arrays: list[np.ndarray | None]
+    scale: float = 1.0
+
+
 class Combiner(ABC):
     """Combines deltas into one aggregated delta (float64 arrays; None for non-averaged arrays)."""
 
@@ -51,12 +64,17 @@ class Combiner(ABC):
         """Take ``scale * delta`` into account with ``weight``; the arrays are never written."""
 
     @abstractmethod
-    def result(self) -> list[np.ndarray | None] | None:
+    def result(self) -> Combined | None:
         """The aggregated delta, or None when no delta (with positive weight) was added."""
 
 
 class WeightedMean(Combiner):
-    """``sum_i(w_i * s_i * delta_i) / sum_i(w_i)``, streamed into float64 running sums."""
+    """``sum_i(w_i * s_i * delta_i) / sum_i(w_i)``, streamed into float64 running sums.
+
+    Memory: the float64 sums (two float32 models' worth), whatever the number of deltas; no delta
+    is kept after :meth:`add` returns. The division by the total weight is left to the server
+    update (:attr:`Combined.scale`), which applies it in the same pass that adds the base.
+    """
 
     def __init__(self, base: Sequence[np.ndarray]) -> None:
         super().__init__(base)
@@ -70,33 +88,37 @@ class WeightedMean(Combiner):
     def add(self, delta: Sequence[np.ndarray], weight: float, scale: float = 1.0) -> None:
         if weight <= 0:
             return
-        factor = weight * scale
+        if len(delta) != len(self._sums):
+            raise ValueError(f"{len(delta)} arrays, the base has {len(self._sums)}")
         first = self._weight == 0
         for total, array in zip(self._sums, delta, strict=True):
-            if total is None:
-                continue
-            flat_total, flat = total.reshape(-1), np.ravel(array)
-            if first:  # the sums start as the first delta: no zeros to read
-                np.multiply(flat, factor, out=flat_total, dtype=np.float64)
-            else:
-                _add_scaled(flat_total, flat, factor, self._scratch)
+            if total is not None:
+                _add_scaled(total.reshape(-1), np.ravel(array), weight * scale, self._scratch, first)
         self._weight += weight
 
-    def result(self) -> list[np.ndarray | None] | None:
+    def result(self) -> Combined | None:
         if self._weight == 0:
             return None
-        inverse = 1.0 / self._weight
-        for total in self._sums:
-            if total is not None:
-                total *= inverse
-        return list(self._sums)
+        return Combined(list(self._sums), 1.0 / self._weight)
 
 
-def _add_scaled(total: np.ndarray, flat: np.ndarray, factor: float, scratch: np.ndarray) -> None:
-    """``total += factor * flat`` in float64, block by block through ``scratch`` (no temporaries)."""
-    for start in range(0, flat.size, scratch.size):
-        stop = min(start + scratch.size, flat.size)
-        work = scratch[: stop - start]
-        np.multiply(flat[start:stop], factor, out=work, dtype=np.float64)
+def _add_scaled(
+    total: np.ndarray, flat: np.ndarray, factor: float, scratch: np.ndarray, replace: bool
+) -> None:
+    """``total += factor * flat`` (``=`` when ``replace``) in float64, block by block through ``scratch``.
+
+    Converting into the cache-resident scratch and multiplying there in place is faster than one
+    mixed-dtype ``np.multiply`` (numpy's casting loop runs in small buffered chunks), and no
+    temporary of an array's size is ever allocated.
+    """
+    for start in range(0, total.size, scratch.size):
+        stop = min(start + scratch.size, total.size)
         part = total[start:stop]
-        np.add(part, work, out=part)
+        if replace:
+            np.copyto(part, flat[start:stop])
+            part *= factor
+            continue
+        work = scratch[: stop - start]
+        np.copyto(work, flat[start:stop])
+        work *= factor
+        part += work

@@ -66,7 +66,10 @@ class PipelineAggregation(Aggregation):
             assert self._privacy.clip is not None
             std = self._privacy.noise_multiplier * self._privacy.clip / self._count
             logger.info("DP noise: std %.3g on the mean of %d clipped deltas", std, self._count)
-            add_gaussian_noise(delta, std, noise_generator(self._privacy.seed, self._base))
+            # the combined arrays are scaled by delta.scale afterwards: noise them by std / scale
+            add_gaussian_noise(
+                delta.arrays, std / delta.scale, noise_generator(self._privacy.seed, self._base)
+            )
         new, self._state = self._update.apply(self._base, delta, self._state)
         return new
 

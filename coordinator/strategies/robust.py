@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from coordinator.strategies.combiners import Combiner
+from coordinator.strategies.combiners import Combined, Combiner
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class HeldDeltas(Combiner):
                     np.multiply(flat[start:stop], self.scales[r], out=out, dtype=np.float64)
                 yield j, slice(start, stop), matrix
 
-    def reduce(self, rows: Sequence[int], rule: BlockRule) -> list[np.ndarray | None]:
+    def reduce(self, rows: Sequence[int], rule: BlockRule) -> Combined:
         """Apply ``rule`` (an ``(n, b)`` matrix to ``b`` values) to every block of ``rows``."""
         out: list[np.ndarray | None] = [
             np.empty(shape, dtype=np.float64) if averaged else None
@@ -78,7 +78,7 @@ class HeldDeltas(Combiner):
             target = out[j]
             assert target is not None
             target.reshape(-1)[where] = rule(matrix)
-        return out
+        return Combined(out)
 
     def squared_distances(self) -> np.ndarray:
         """The ``(n, n)`` matrix of squared L2 distances, accumulated block by block (Gram form)."""
@@ -94,12 +94,12 @@ class HeldDeltas(Combiner):
         np.fill_diagonal(dist, 0.0)
         return dist
 
-    def result(self) -> list[np.ndarray | None] | None:
+    def result(self) -> Combined | None:
         raise NotImplementedError
 
 
 class Median(HeldDeltas):
-    def result(self) -> list[np.ndarray | None] | None:
+    def result(self) -> Combined | None:
         if not self.deltas:
             return None
         return self.reduce(range(len(self.deltas)), _median)
@@ -110,7 +110,7 @@ class TrimmedMean(HeldDeltas):
         super().__init__(base, block_bytes)
         self.beta = beta
 
-    def result(self) -> list[np.ndarray | None] | None:
+    def result(self) -> Combined | None:
         n = len(self.deltas)
         if n == 0:
             return None
@@ -132,7 +132,7 @@ class MultiKrum(HeldDeltas):
         super().__init__(base, block_bytes)
         self.f, self.m = f, m
 
-    def result(self) -> list[np.ndarray | None] | None:
+    def result(self) -> Combined | None:
         n = len(self.deltas)
         if n == 0:
             return None
@@ -153,7 +153,7 @@ class Bulyan(HeldDeltas):
         super().__init__(base, block_bytes)
         self.f = f
 
-    def result(self) -> list[np.ndarray | None] | None:
+    def result(self) -> Combined | None:
         n = len(self.deltas)
         if n == 0:
             return None

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 
 from common.errors import ConfigError
-from coordinator.strategies.combiners import is_averaged
+from coordinator.strategies.combiners import SCRATCH_COORDS, Combined, is_averaged
 
 AdaptiveKind = Literal["adagrad", "adam", "yogi"]
 
@@ -38,7 +38,7 @@ class ServerUpdate(ABC):
     def apply(
         self,
         base: Sequence[np.ndarray],
-        delta: list[np.ndarray | None],
+        delta: Combined,
         state: list[np.ndarray] | None,
     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """The new weights (base dtypes) and the new state; ``delta``'s arrays may be overwritten."""
@@ -73,18 +73,23 @@ class PlainStep(ServerUpdate):
     def apply(
         self,
         base: Sequence[np.ndarray],
-        delta: list[np.ndarray | None],
+        delta: Combined,
         state: list[np.ndarray] | None,
     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        factor = self.lr * delta.scale
         out = []
-        for b, d in zip(base, delta, strict=True):
+        for b, d in zip(base, delta.arrays, strict=True):
             if d is None:
                 out.append(np.array(b, copy=True))
                 continue
-            if self.lr != 1.0:
-                d *= self.lr
-            d += b
-            out.append(d.astype(b.dtype, copy=False))
+            new = np.empty(b.shape, dtype=b.dtype)
+            flat_d, flat_b, flat_new = d.reshape(-1), np.ravel(b), new.reshape(-1)
+            for start in range(0, flat_d.size, SCRATCH_COORDS):  # one pass, blocks in the cache
+                part = flat_d[start : start + SCRATCH_COORDS]
+                part *= factor
+                part += flat_b[start : start + SCRATCH_COORDS]
+                flat_new[start : start + SCRATCH_COORDS] = part
+            out.append(new)
         return out, state
 
 
@@ -100,12 +105,12 @@ class Momentum(ServerUpdate):
     def apply(
         self,
         base: Sequence[np.ndarray],
-        delta: list[np.ndarray | None],
+        delta: Combined,
         state: list[np.ndarray] | None,
     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         assert state is not None
         out, new_state = [], []
-        for b, d, m in zip(base, delta, state, strict=True):
+        for b, d, m in zip(base, _scaled(delta), state, strict=True):
             if d is None:
                 out.append(np.array(b, copy=True))
                 new_state.append(m)
@@ -132,13 +137,13 @@ class Adaptive(ServerUpdate):
     def apply(
         self,
         base: Sequence[np.ndarray],
-        delta: list[np.ndarray | None],
+        delta: Combined,
         state: list[np.ndarray] | None,
     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         assert state is not None
         k = len(base)
         out, moments, variances = [], list(state[:k]), list(state[k:])
-        for i, (b, d) in enumerate(zip(base, delta, strict=True)):
+        for i, (b, d) in enumerate(zip(base, _scaled(delta), strict=True)):
             if d is None:
                 out.append(np.array(b, copy=True))
                 continue
@@ -166,6 +171,15 @@ class Adaptive(ServerUpdate):
             squared *= (1 - self.beta2) * sign
             v -= squared
         return v
+
+
+def _scaled(delta: Combined) -> list[np.ndarray | None]:
+    """The aggregated delta's arrays with its scale applied (in place)."""
+    if delta.scale != 1.0:
+        for d in delta.arrays:
+            if d is not None:
+                d *= delta.scale
+    return delta.arrays
 
 
 def _state_template(base: np.ndarray) -> np.ndarray:

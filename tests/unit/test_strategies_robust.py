@@ -91,7 +91,7 @@ def test_block_by_block_equals_all_at_once(make):
     for i, delta in enumerate(deltas):
         tiny.add(delta, 1.0, scale=0.5 + 0.1 * i)
         whole.add(delta, 1.0, scale=0.5 + 0.1 * i)
-    small, large = tiny.result(), whole.result()
+    small, large = tiny.result().arrays, whole.result().arrays
 
     for a, b in zip(small, large, strict=True):
         if a is None:
@@ -112,7 +112,7 @@ def test_robust_strategies_hold_the_given_arrays_without_copying_them():
         combiner.add(delta, 1.0)
 
     assert all(held[0] is given[0] for held, given in zip(combiner.deltas, deltas, strict=True))
-    assert combiner.result()[0].tolist() == [1.0] * 4
+    assert combiner.result().arrays[0].tolist() == [1.0] * 4
 
 
 # n honest deltas around a centre (each coordinate within +-1 of it) and f Byzantine ones: either
