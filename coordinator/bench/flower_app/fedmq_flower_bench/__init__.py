@@ -1,0 +1,1 @@
+"""Flower app for fedmq's round benchmark (runs in the bench venv, with flwr installed)."""
