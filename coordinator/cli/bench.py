@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.bench.codec import CodecBenchResult, run_codec_benchmark
+from coordinator.bench.intake import IntakeBenchResult, run_intake_benchmark
+from coordinator.bench.round import RoundBenchResult, run_round_benchmark
 
 app = typer.Typer(
     help="Benchmarks: each prints its figures and the ratio to a baseline measured in the same run.",
@@ -39,12 +41,17 @@ def _report(title: str, rows: list[tuple[str, str, str]], result: Any, as_json: 
     _console.print(table)
 
 
-def _target(met: bool, ratio: float, target: float) -> str:
+def _target(met: bool, ratio: float, target: float, op: str = ">=") -> str:
     return (
-        f"[green]target >= {target:g}x met[/]"
+        f"[green]target {op} {target:g}x met[/]"
         if met
-        else f"[red]target >= {target:g}x missed ({ratio:.2f}x)[/]"
+        else f"[red]target {op} {target:g}x missed ({ratio:.2f}x)[/]"
     )
+
+
+def _progress(line: str) -> None:
+    """Progress lines go to stderr, so stdout stays clean for --json."""
+    typer.echo(line, err=True)
 
 
 def _codec_rows(r: CodecBenchResult) -> list[tuple[str, str, str]]:
@@ -85,3 +92,73 @@ def codec(
     """
     result = run_codec_benchmark(size_mb=size_mb, repeat=repeat)
     _report("fedmq bench codec", _codec_rows(result), result, as_json)
+
+
+def _ms(seconds: list[float]) -> str:
+    return ", ".join(f"{s * 1000:.0f}" for s in seconds)
+
+
+def _round_rows(r: RoundBenchResult) -> list[tuple[str, str, str]]:
+    rows = [
+        (
+            "model",
+            f"{r.n_in}x{r.n_out} float32",
+            f"{r.workers} workers, {r.rounds} rounds, {r.samples} samples each",
+        ),
+        ("fedmq median round", f"{r.fedmq_median_s * 1000:.1f} ms", f"rounds (ms): {_ms(r.fedmq_round_s)}"),
+    ]
+    if r.flower_median_s is None or r.ratio is None:
+        return [*rows, ("Flower", "not measured", r.note)]
+    return [
+        *rows,
+        (
+            f"Flower median round ({r.flower_runtime} runtime)",
+            f"{r.flower_median_s * 1000:.1f} ms",
+            f"rounds (ms): {_ms(r.flower_round_s)}",
+        ),
+        ("fedmq / Flower", f"{r.ratio:.3f}x", _target(bool(r.target_met), r.ratio, r.target, "<=")),
+    ]
+
+
+@app.command("round")
+def round_(
+    workers: int = typer.Option(10, "--workers", min=1, help="Workers (fedmq) and SuperNodes (Flower)."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="FedAvg rounds on each side; the median counts."),
+    model_mb: float = typer.Option(0.0, "--model-mb", min=0.0, help="Model size in MB; 0 for a tiny model."),
+    no_flower: bool = typer.Option(False, "--no-flower", help="Measure fedmq only."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON instead of a table."),
+) -> None:
+    """Median FedAvg round time of fedmq and of Flower (deployment runtime) on this machine.
+
+    Example: fedmq bench round --workers 10 --rounds 5; fedmq bench round --workers 4 --model-mb 100
+    """
+    result = run_round_benchmark(
+        workers=workers, rounds=rounds, model_mb=model_mb, flower=not no_flower, progress=_progress
+    )
+    _report("fedmq bench round", _round_rows(result), result, as_json)
+
+
+def _intake_rows(r: IntakeBenchResult) -> list[tuple[str, str, str]]:
+    return [
+        ("deltas", f"{r.deltas} x {r.body_bytes} bytes", f"from {r.workers} workers"),
+        ("raw publish", f"{r.raw_publish_per_s:.0f} msg/s", "confirm per message"),
+        ("raw consume", f"{r.raw_consume_per_s:.0f} msg/s", "baseline: bare pika, prefetch 1, ack each"),
+        ("workers publish", f"{r.worker_publish_per_s:.0f} msg/s", "per worker, own credentials"),
+        ("coordinator intake", f"{r.coordinator_per_s:.0f} deltas/s", "validated, committed, acked"),
+        ("intake / raw consume", f"{r.ratio:.2f}x", _target(r.target_met, r.ratio, r.target)),
+        ("intake / raw publish", f"{r.publish_ratio:.2f}x", ""),
+    ]
+
+
+@app.command("intake")
+def intake(
+    deltas: int = typer.Option(2000, "--deltas", min=2, help="Deltas (tasks of one open round)."),
+    workers: int = typer.Option(4, "--workers", min=1, help="Workers the tasks are spread over."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON instead of a table."),
+) -> None:
+    """Deltas per second the coordinator accepts vs raw RabbitMQ throughput of the same bodies.
+
+    Example: fedmq bench intake --deltas 2000
+    """
+    result = run_intake_benchmark(deltas=deltas, workers=workers, progress=_progress)
+    _report("fedmq bench intake", _intake_rows(result), result, as_json)
