@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.bench.aggregate import AggregateBenchResult, run_aggregate_benchmark
 from coordinator.bench.codec import CodecBenchResult, run_codec_benchmark
 from coordinator.bench.intake import IntakeBenchResult, run_intake_benchmark
 from coordinator.bench.round import RoundBenchResult, run_round_benchmark
@@ -162,3 +163,55 @@ def intake(
     """
     result = run_intake_benchmark(deltas=deltas, workers=workers, progress=_progress)
     _report("fedmq bench intake", _intake_rows(result), result, as_json)
+
+
+def _aggregate_rows(r: AggregateBenchResult) -> list[tuple[str, str, str]]:
+    rows = [("model", f"{r.size_mb:.1f} MB in {r.arrays} arrays", f"float32, best of {r.repeat}")]
+    for f in r.fedavg:
+        rows.append((f"FedAvg of {f.n} deltas", f"{f.gbps:.2f} GB/s", f"{f.seconds:.2f} s"))
+        rows.append(
+            (
+                f"  / a += b ({f.add_gbps:.2f} GB/s)",
+                f"{f.ratio_to_add:.2f}x",
+                _target(f.target_met, f.ratio_to_add, r.throughput_target),
+            )
+        )
+    rows.append(("previous FedAvg", f"{r.previous_fedavg_gbps:.2f} GB/s", "one float64 temporary per array"))
+    for m in r.memory:
+        rss = (
+            "not measured"
+            if m.rss_peak_growth_mb is None
+            else f"RSS peak growth {m.rss_peak_growth_mb:.0f} MB"
+        )
+        rows.append(
+            (f"peak memory, {m.n} streamed deltas", f"{m.traced_peak_mb:.0f} MB", f"tracemalloc; {rss}")
+        )
+    note = "[green]within one model size[/]" if r.memory_target_met else "[red]more than one model size[/]"
+    rows.append(("peak spread over N", f"{r.traced_peak_spread_mb:.1f} MB", note))
+    rows.append(
+        (
+            f"cost model: FedAvg, {r.cost_n} deltas",
+            f"{r.fedavg_cost_seconds * 1000:.0f} ms",
+            f"{r.cost_size_mb:.1f} MB",
+        )
+    )
+    for c in r.costs:
+        options = " ".join(f"{k}={v}" for k, v in c.options.items())
+        rows.append(
+            (f"  {c.strategy} {options}".rstrip(), f"{c.ratio_to_fedavg:.1f}x", f"{c.seconds * 1000:.0f} ms")
+        )
+    return rows
+
+
+@app.command("aggregate")
+def aggregate(
+    size_mb: float = typer.Option(100.0, "--size-mb", min=0.001, help="Model size in MB."),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="Runs per measurement; the best is kept."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON instead of a table."),
+) -> None:
+    """FedAvg of N deltas vs numpy's in-place add, peak memory for N = 10 and 50, strategies' costs.
+
+    Example: fedmq bench aggregate --size-mb 100
+    """
+    result = run_aggregate_benchmark(size_mb=size_mb, repeat=repeat)
+    _report("fedmq bench aggregate", _aggregate_rows(result), result, as_json)
