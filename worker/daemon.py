@@ -83,6 +83,8 @@ class WorkerDaemon:
         self.ready = threading.Event()
         self.tasks_done = 0
         self.info: dict[str, object] = {"device": "not yet chosen"}
+        broker_config = getattr(broker, "config", None)
+        self.max_attempts = int(getattr(broker_config, "max_delivery_attempts", 5))
         self._device_chosen = False
 
     def _load(self, release: VerifiedRelease) -> DynamicDLModel:
@@ -123,12 +125,20 @@ class WorkerDaemon:
 
     def on_task(self, delivery: Delivery) -> None:
         message: Message = decode(delivery.body)
-        if isinstance(message, TrainTask):
-            self._train(message)
-        elif isinstance(message, ApplyTask):
-            self._apply(message)
-        else:
-            raise PoisonMessageError(f"{message.TYPE} is not a task")
+        try:
+            if isinstance(message, TrainTask):
+                self._train(message)
+            elif isinstance(message, ApplyTask):
+                self._apply(message)
+            else:
+                raise PoisonMessageError(f"{message.TYPE} is not a task")
+        except Exception as exc:
+            # The broker layer retries a failing task and dead-letters it after the last attempt;
+            # on that attempt, tell the coordinator so the round need not wait for its deadline.
+            if isinstance(message, TrainTask) and delivery.attempts >= self.max_attempts:
+                reason = f"failed {delivery.attempts} times, dead-lettered: {type(exc).__name__}: {exc}"
+                self._send(TaskFailed(task_id=message.task_id, worker=self.config.name, reason=reason[:2000]))
+            raise
         self.tasks_done += 1
 
     def _train(self, task: TrainTask) -> None:

@@ -166,6 +166,19 @@ class Cluster:
         logs = "\n".join(f"--- {k}\n{self.log(k)[-3000:]}" for k in ("coordinator", *self.procs))
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
+    def wait_workers_seen(self, names: list[str], timeout_s: float = 120.0) -> None:
+        """Wait until every named worker's heartbeat reached the coordinator (so it counts as live)."""
+        from sqlalchemy import select
+
+        from coordinator.db.models import Worker
+
+        def seen() -> bool:
+            with self.database() as db, db.session() as s:
+                rows = s.scalars(select(Worker.name).where(Worker.last_seen_at.is_not(None)))
+                return set(names) <= set(rows)
+
+        self.wait_for(f"heartbeats of {', '.join(names)}", seen, timeout_s)
+
     def wait_run(self, run_id: str, timeout_s: float = 180.0) -> RunView:
         self.wait_for(
             f"run {run_id} to end",

@@ -291,3 +291,41 @@ def test_async_run_is_not_blocked_by_a_slow_worker_while_sync_waits_for_it(sqlit
     assert sync_open is not None and sync_open.state == "running" and sync_open.rounds[0].state == "open"
     assert sync_view.state == "completed" and sync_view.rounds[0].accepted == 3
     check_oracle(cluster)
+
+
+def test_a_task_that_crashes_the_worker_every_time_is_dead_lettered_and_the_round_goes_on(
+    sqlite_cluster: Cluster,
+):
+    # Prepare: w2's labels are outside the model's 3 classes, so its training raises every time.
+    cluster = sqlite_cluster
+    cluster.register("m", make_linear_model(4, 3, model_id="m"))
+    parts = gaussian_parts(3, 100)
+    parts[2]["y"] = parts[2]["y"] + 50
+    for i, part in enumerate(parts):
+        cluster.add_worker(f"w{i}", part)
+    cluster.start_coordinator()
+    for i in range(3):
+        cluster.start_worker(f"w{i}")
+
+    cluster.wait_workers_seen(["w0", "w1", "w2"])
+
+    # Execute
+    run_id = cluster.start_run("m", rounds=1, min_workers=2, deadline_s=300.0)
+    view = cluster.wait_run(run_id, timeout_s=240)
+
+    # Assert: the round closed with the two good deltas long before its deadline, w2's task is
+    # answered as failed, and the poison task sits in w2's dead-letter queue with its reason.
+    assert view.state == "completed"
+    (round_,) = view.rounds
+    assert sorted(d.worker for d in round_.deltas) == ["w0", "w1"] and round_.answered == 3
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.settings.amqp_url))
+    try:
+        method, properties, _ = connection.channel().basic_get("fedmq.tasks.w2.dlq", auto_ack=True)
+    finally:
+        connection.close()
+    assert method is not None, "the poison task is not in the dead-letter queue"
+    reason = (properties.headers or {}).get("x-fedmq-reason", "")
+    assert "IndexError" in reason or "index" in reason.lower(), properties.headers
+    check_oracle(cluster)
