@@ -116,10 +116,14 @@ def run_aggregate_benchmark(
     size_mb: float = 100,
     n_values: Sequence[int] = (10, 50),
     repeat: int = 3,
-    cost_size_mb: float = 20,
+    cost_size_mb: float | None = None,
     cost_n: int = 10,
 ) -> AggregateBenchResult:
-    """Measure FedAvg throughput and memory for each N in ``n_values``, and the strategies' costs."""
+    """Measure FedAvg throughput and memory for each N in ``n_values``, and the strategies' costs.
+
+    The costs are measured on a model of ``cost_size_mb`` (default: 20 MB, or ``size_mb`` if smaller).
+    """
+    cost_size_mb = min(20.0, size_mb) if cost_size_mb is None else cost_size_mb
     if size_mb <= 0 or cost_size_mb <= 0 or repeat < 1 or not n_values or min(n_values) < 1 or cost_n < 1:
         raise ValueError("sizes must be positive, repeat and every N at least 1")
     base = make_weights(size_mb, seed=0)
