@@ -61,7 +61,7 @@ def test_a_saved_keras_file_is_wrapped_with_its_architecture_as_code(tmp_path, d
 def test_an_unreadable_keras_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.keras"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(ModelError, match="broken.keras: not a readable Keras model"):
+    with pytest.raises(ModelError, match=r"broken\.keras: not a readable Keras model"):
         model_from_keras_file(bad)
     with pytest.raises(ModelError, match="no such file"):
         model_from_keras_file(tmp_path / "missing.keras")

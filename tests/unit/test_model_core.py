@@ -82,9 +82,9 @@ def test_multiplication_by_any_real_number_on_either_side(factor):
 def test_multiplication_by_a_non_number_is_refused():
     model = make_linear_model(4, 3)
     with pytest.raises(NotImplementedError):
-        model * "2"  # noqa: B018
+        model * "2"
     with pytest.raises(NotImplementedError):
-        model * True  # noqa: B018
+        model * True
 
 
 def test_models_with_different_ids_or_shapes_are_incompatible():
@@ -93,11 +93,11 @@ def test_models_with_different_ids_or_shapes_are_incompatible():
     c = make_linear_model(5, 3, model_id="a")
 
     with pytest.raises(IncompatibleModelError, match="model ids differ"):
-        a - b  # noqa: B018
+        a - b
     with pytest.raises(IncompatibleModelError, match="shape"):
-        a - c  # noqa: B018
+        a - c
     with pytest.raises(IncompatibleModelError):
-        a + b  # noqa: B018
+        a + b
 
 
 def test_copy_is_independent_and_empty_copy_keeps_identity():
@@ -194,7 +194,7 @@ def test_a_source_that_does_not_compile_names_the_function():
     fields = dill.loads(make_linear_model(4, 3).dumps())
     fields["apply_model_function"] = "def apply(modelObj, data):\n    return (\n"
 
-    with pytest.raises(ModelCodeError, match="apply_model_function.*does not compile"):
+    with pytest.raises(ModelCodeError, match=r"apply_model_function.*does not compile"):
         DynamicDLModel.Loads(dill.dumps(fields))
 
 
@@ -202,7 +202,7 @@ def test_a_source_without_a_function_is_an_error_not_a_string():
     fields = dill.loads(make_linear_model(4, 3).dumps())
     fields["incremental_learn_function"] = "x = 1\n"
 
-    with pytest.raises(ModelCodeError, match="incremental_learn_function.*defines no function"):
+    with pytest.raises(ModelCodeError, match=r"incremental_learn_function.*defines no function"):
         DynamicDLModel.Loads(dill.dumps(fields))
 
 
