@@ -47,7 +47,8 @@ def test_delta_then_apply_gives_back_the_trained_model(data):
     assert delta.is_delta and not base.is_delta
     assert delta.timestamp_id == base.timestamp_id
     assert all(
-        np.allclose(r, t, atol=1e-7) for r, t in zip(rebuilt.get_weights(), trained.get_weights(), strict=True)
+        np.allclose(r, t, atol=1e-7)
+        for r, t in zip(rebuilt.get_weights(), trained.get_weights(), strict=True)
     )
     np.testing.assert_allclose(rebuilt(x), trained(x), atol=1e-6)
 
@@ -142,7 +143,7 @@ def test_blob_round_trip_in_both_layouts(layout, data):
         np.testing.assert_array_equal(m(x), model(x))
 
 
-DAFNE_STYLE_DELTA = '''def default_keras_delta_function(lhs: DynamicDLModel, rhs: DynamicDLModel, threshold=None):
+DAFNE_STYLE_DELTA = """def default_keras_delta_function(lhs: DynamicDLModel, rhs: DynamicDLModel, threshold=None):
     from dafne_dl.interfaces import IncompatibleModelError
     if lhs.model_id != rhs.model_id: raise IncompatibleModelError
     lhs_weights = lhs.get_weights()
@@ -158,15 +159,15 @@ DAFNE_STYLE_DELTA = '''def default_keras_delta_function(lhs: DynamicDLModel, rhs
     outputObj.is_delta = True
     outputObj.timestamp_id = rhs.timestamp_id
     return outputObj
-'''
+"""
 
-OLD_DL_MULTIPLY = '''def mult(lhs, rhs):
+OLD_DL_MULTIPLY = """def mult(lhs, rhs):
     from dl.DynamicDLModel import DynamicDLModel as Cls
     assert isinstance(lhs, Cls)
     out = lhs.get_empty_copy()
     out.set_weights([w * rhs for w in lhs.get_weights()])
     return out
-'''
+"""
 
 
 def test_dafne_style_sources_run_without_dafne_dl_installed():
