@@ -1,0 +1,289 @@
+"""Least privilege on the broker: what a worker's own RabbitMQ user can and cannot do.
+
+Two workers are added with :func:`coordinator.workers.add_worker` (their users, permissions, queues
+and config files, as ``fedmq workers add`` makes them) on the suite's real RabbitMQ node, in a
+virtual host of their own. Each test connects with pika and the URL from a worker's config file, so
+every refusal is the broker's own: ACCESS_REFUSED (403) for what the user's permissions forbid,
+PRECONDITION_FAILED (406) for a ``user_id`` that is not the authenticated user.
+
+The coordinator-side half of identity (a delta whose ``worker`` field names another worker than the
+broker-validated ``user_id`` is rejected with the reason) is proved end to end in
+tests/integration/test_rounds_faults.py (``publish_as(cluster, "w0", report("w0", "w1", ...))``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+from pika.adapters.blocking_connection import BlockingChannel
+
+from common.broker import admin
+from common.broker.topology import (
+    CONTROL_QUEUE,
+    DEAD_LETTER_EXCHANGE,
+    FETCH_QUEUE,
+    RELEASES_EXCHANGE,
+    RESULTS_EXCHANGE,
+    RESULTS_QUEUE,
+    RESULTS_ROUTE,
+    TASKS_EXCHANGE,
+    dead_letter_queue_name,
+    worker_release_queue,
+    worker_task_queue,
+)
+from coordinator.workers import add_worker
+from tests.integration.cluster import Cluster
+from worker.config import load_worker_config
+
+pytestmark = pytest.mark.integration
+
+ACCESS_REFUSED = 403
+PRECONDITION_FAILED = 406
+
+
+@dataclass(frozen=True)
+class Deployment:
+    cluster: Cluster
+    alice: str
+    bob: str
+    urls: dict[str, str]
+
+    @property
+    def admin_url(self) -> str:
+        return self.cluster.settings.amqp_url
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, rabbitmq: Any) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("least-privilege")
+    broker_dir = Path(rabbitmq.node.directory)
+    cluster = Cluster.create(root, f"sqlite:///{root / 'fedmq.db'}", rabbitmq.amqp_url, broker_dir)
+    tag = uuid.uuid4().hex[:6]
+    names = (f"lp{tag}-alice", f"lp{tag}-bob")
+    urls = {}
+    try:
+        with cluster.database() as db:
+            for name in names:
+                config = root / "workers" / f"{name}.toml"
+                add_worker(cluster.settings, db, name, config, broker_dir=broker_dir)
+                urls[name] = load_worker_config(config).amqp_url
+        yield Deployment(cluster, names[0], names[1], urls)
+    finally:
+        for name in names:
+            admin.delete_user(rabbitmq.node, name)
+        cluster.stop_all()
+
+
+def open_channel(url: str) -> tuple[pika.BlockingConnection, BlockingChannel]:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    return connection, channel
+
+
+def broker_refusal(url: str, action: Callable[[BlockingChannel], object]) -> tuple[int, str]:
+    """Run ``action`` on a fresh channel as the user of ``url``; the broker's (reply code, text)."""
+    connection, channel = open_channel(url)
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+            action(channel)
+            channel.basic_qos(prefetch_count=1)  # a round trip: an asynchronous close surfaces here
+        return info.value.reply_code, info.value.reply_text
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def publish(
+    exchange: str, routing_key: str, user_id: str | None = None, message_id: str | None = None
+) -> Callable[[BlockingChannel], None]:
+    def action(channel: BlockingChannel) -> None:
+        channel.basic_publish(
+            exchange,
+            routing_key,
+            b"x",
+            pika.BasicProperties(user_id=user_id, delivery_mode=2, message_id=message_id or uuid.uuid4().hex),
+            mandatory=True,
+        )
+
+    return action
+
+
+def publish_as(url: str, action: Callable[[BlockingChannel], None]) -> None:
+    """Publish with confirms: when this returns the broker has routed and stored the message."""
+    connection, channel = open_channel(url)
+    try:
+        action(channel)
+    finally:
+        connection.close()
+
+
+def receive(url: str, queue: str, message_id: str) -> pika.spec.BasicProperties | None:
+    """Consume ``queue`` (acking what it reads) until the message ``message_id``; its properties.
+
+    Consuming, not basic.get: the coordinator's queues are single-active-consumer quorum queues.
+    """
+    connection, channel = open_channel(url)
+    try:
+        for method, properties, _body in channel.consume(queue, inactivity_timeout=30):
+            if method is None:
+                return None
+            channel.basic_ack(method.delivery_tag)
+            if properties.message_id == message_id:
+                channel.cancel()
+                return properties
+        return None
+    finally:
+        connection.close()
+
+
+def message_count(url: str, queue: str) -> int:
+    connection, channel = open_channel(url)
+    try:
+        return int(channel.queue_declare(queue, passive=True).method.message_count)
+    finally:
+        connection.close()
+
+
+# ------------------------------------------------------------------------------ what it cannot do
+
+
+@pytest.mark.parametrize(
+    ("what", "exchange", "routing_key"),
+    [
+        ("the releases exchange", RELEASES_EXCHANGE, ""),
+        ("the tasks exchange (a task for itself)", TASKS_EXCHANGE, "self"),
+        ("the tasks exchange (a task for another worker)", TASKS_EXCHANGE, "other"),
+        ("the default exchange into the control queue", "", CONTROL_QUEUE),
+        ("the default exchange into the results queue", "", RESULTS_QUEUE),
+        ("the default exchange into the fetch queue", "", FETCH_QUEUE),
+        ("the default exchange into another worker's task queue", "", "other-tasks"),
+        ("amq.topic", "amq.topic", "#"),
+    ],
+)
+def test_a_worker_cannot_publish_to(deployment: Deployment, what: str, exchange: str, routing_key: str):
+    me, other = deployment.alice, deployment.bob
+    key = {"self": me, "other": other, "other-tasks": worker_task_queue(other)}.get(routing_key, routing_key)
+
+    code, text = broker_refusal(deployment.urls[me], publish(exchange, key, user_id=me))
+
+    assert code == ACCESS_REFUSED, (what, text)
+    assert f"access to exchange '{exchange or 'amq.default'}'" in text, text
+
+
+@pytest.mark.parametrize(
+    "queue",
+    ["other-tasks", "other-releases", RESULTS_QUEUE, CONTROL_QUEUE, FETCH_QUEUE, "control-dlq"],
+)
+def test_a_worker_cannot_read_a_queue_that_is_not_its_own(deployment: Deployment, queue: str):
+    other = deployment.bob
+    name = {
+        "other-tasks": worker_task_queue(other),
+        "other-releases": worker_release_queue(other),
+        "control-dlq": dead_letter_queue_name(CONTROL_QUEUE),
+    }.get(queue, queue)
+
+    for action in (
+        lambda ch: ch.basic_get(name, auto_ack=False),
+        lambda ch: ch.basic_consume(name, lambda *a: None),
+    ):
+        code, text = broker_refusal(deployment.urls[deployment.alice], action)
+
+        assert code == ACCESS_REFUSED and f"access to queue '{name}'" in text, text
+
+
+def test_a_worker_cannot_bind_its_queue_to_receive_another_workers_tasks(deployment: Deployment):
+    me, other = deployment.alice, deployment.bob
+
+    code, text = broker_refusal(
+        deployment.urls[me],
+        lambda ch: ch.queue_bind(worker_task_queue(me), TASKS_EXCHANGE, routing_key=other),
+    )
+
+    assert code == ACCESS_REFUSED, text
+
+
+@pytest.mark.parametrize(
+    ("what", "action"),
+    [
+        ("declare a queue", lambda ch, me, other: ch.queue_declare(f"{me}-own-queue", durable=True)),
+        ("declare an exchange", lambda ch, me, other: ch.exchange_declare(f"{me}-x", "fanout")),
+        ("delete another worker's queue", lambda ch, me, other: ch.queue_delete(worker_task_queue(other))),
+        ("purge another worker's queue", lambda ch, me, other: ch.queue_purge(worker_task_queue(other))),
+        ("delete its own queue", lambda ch, me, other: ch.queue_delete(worker_task_queue(me))),
+        ("delete the results exchange", lambda ch, me, other: ch.exchange_delete(RESULTS_EXCHANGE)),
+    ],
+)
+def test_a_worker_configures_nothing(deployment: Deployment, what: str, action: Any):
+    me, other = deployment.alice, deployment.bob
+
+    code, text = broker_refusal(deployment.urls[me], lambda ch: action(ch, me, other))
+
+    assert code == ACCESS_REFUSED, (what, text)
+
+
+@pytest.mark.parametrize("claimed", ["other", "bob", "coordinator", "guest", ""])
+def test_a_worker_cannot_spoof_another_user_id(deployment: Deployment, claimed: str):
+    me = deployment.alice
+    user_id = {"bob": deployment.bob}.get(claimed, claimed)
+
+    code, text = broker_refusal(
+        deployment.urls[me], publish(RESULTS_EXCHANGE, RESULTS_ROUTE, user_id=user_id or "")
+    )
+
+    assert code == PRECONDITION_FAILED, text
+    assert "user_id" in text, text
+
+
+def test_a_worker_cannot_log_in_with_another_workers_password(deployment: Deployment):
+    mine = pika.URLParameters(deployment.urls[deployment.alice])
+    theirs = pika.URLParameters(deployment.urls[deployment.bob])
+    assert isinstance(mine.credentials, pika.PlainCredentials)
+    assert isinstance(theirs.credentials, pika.PlainCredentials)
+    theirs.credentials = pika.PlainCredentials(deployment.bob, mine.credentials.password)
+
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        pika.BlockingConnection(theirs)
+
+
+# ---------------------------------------------------------------------------------- what it can do
+
+
+def test_a_worker_publishes_results_with_its_own_user_id(deployment: Deployment):
+    me, message_id = deployment.alice, uuid.uuid4().hex
+
+    publish_as(
+        deployment.urls[me], publish(RESULTS_EXCHANGE, RESULTS_ROUTE, user_id=me, message_id=message_id)
+    )
+    properties = receive(deployment.admin_url, RESULTS_QUEUE, message_id)
+
+    assert properties is not None and properties.user_id == me
+
+
+def test_a_worker_consumes_its_own_task_and_release_queues(deployment: Deployment):
+    me, task_id, release_id = deployment.alice, uuid.uuid4().hex, uuid.uuid4().hex
+
+    publish_as(deployment.admin_url, publish(TASKS_EXCHANGE, me, message_id=task_id))  # the coordinator
+    publish_as(deployment.admin_url, publish(RELEASES_EXCHANGE, "", message_id=release_id))
+
+    assert receive(deployment.urls[me], worker_task_queue(me), task_id) is not None
+    assert receive(deployment.urls[me], worker_release_queue(me), release_id) is not None
+
+
+def test_the_dead_letter_exchange_a_worker_may_write_reaches_only_dead_letter_queues(deployment: Deployment):
+    """Workers may write to the DLX (to dead-letter with a reason); it routes to .dlq queues only."""
+    me, admin_url = deployment.alice, deployment.admin_url
+    dlq = dead_letter_queue_name(CONTROL_QUEUE)
+    before = message_count(admin_url, CONTROL_QUEUE), message_count(admin_url, dlq)
+
+    publish_as(deployment.urls[me], publish(DEAD_LETTER_EXCHANGE, CONTROL_QUEUE, user_id=me))
+
+    assert message_count(admin_url, CONTROL_QUEUE) == before[0]  # nothing reached the coordinator
+    assert message_count(admin_url, dlq) == before[1] + 1
