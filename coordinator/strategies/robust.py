@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import numpy as np
 
@@ -169,13 +170,7 @@ class Bulyan(HeldDeltas):
             remaining.remove(best)
         chosen.sort()
         keep = max(1, len(chosen) - 2 * self.f)
-
-        def closest_to_median(matrix: np.ndarray) -> np.ndarray:
-            gap = np.abs(matrix - np.median(matrix, axis=0))
-            nearest = np.argsort(gap, axis=0, kind="stable")[:keep]
-            return np.take_along_axis(matrix, nearest, axis=0).mean(axis=0)
-
-        return self.reduce(chosen, closest_to_median)
+        return self.reduce(chosen, partial(_closest_to_median, keep=keep))
 
 
 def krum_scores(dist: np.ndarray, candidates: list[int], f: int) -> np.ndarray:
@@ -197,7 +192,28 @@ def _snap(scores: np.ndarray) -> np.ndarray:
 
 
 def _median(matrix: np.ndarray) -> np.ndarray:
-    return np.median(matrix, axis=0, overwrite_input=True)
+    """Coordinate-wise median (sorting the block in place is several times faster than np.median)."""
+    matrix.sort(axis=0)
+    n = len(matrix)
+    if n % 2:
+        return matrix[n // 2].copy()
+    return (matrix[n // 2 - 1] + matrix[n // 2]) / 2
+
+
+def _closest_to_median(matrix: np.ndarray, keep: int) -> np.ndarray:
+    """Per coordinate, the mean of the ``keep`` values closest to the median.
+
+    In a sorted column those values form a window of ``keep`` consecutive rows; of the windows that
+    could hold them, the one whose farther end is nearest the median is taken (ties: the lowest).
+    """
+    median = _median(matrix)  # sorts the matrix in place
+    starts = len(matrix) - keep + 1
+    reach = np.stack([np.maximum(median - matrix[s], matrix[s + keep - 1] - median) for s in range(starts)])
+    best = np.argmin(reach, axis=0)[None, :]
+    total = np.zeros(matrix.shape[1])
+    for offset in range(keep):
+        total += np.take_along_axis(matrix, best + offset, axis=0)[0]
+    return total / keep
 
 
 def _mean(matrix: np.ndarray) -> np.ndarray:
