@@ -7,8 +7,8 @@ every refusal is the broker's own: ACCESS_REFUSED (403) for what the user's perm
 PRECONDITION_FAILED (406) for a ``user_id`` that is not the authenticated user.
 
 The coordinator-side half of identity (a delta whose ``worker`` field names another worker than the
-broker-validated ``user_id`` is rejected with the reason) is proved end to end in
-tests/integration/test_rounds_faults.py (``publish_as(cluster, "w0", report("w0", "w1", ...))``).
+broker-validated ``user_id`` is rejected with the reason) is checked here against the round engine
+on SQLite, and end to end in tests/integration/test_rounds_faults.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pika
 import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
+from sqlalchemy import select
 
+from common import codec
 from common.broker import admin
 from common.broker.topology import (
     CONTROL_QUEUE,
@@ -38,6 +41,11 @@ from common.broker.topology import (
     worker_release_queue,
     worker_task_queue,
 )
+from common.messages import DeltaReport, StartRun
+from common.model.numpy_model import make_linear_model
+from coordinator.db.models import Task, Worker
+from coordinator.registry import KeySigner, ModelRegistry
+from coordinator.rounds import RoundEngine
 from coordinator.workers import add_worker
 from tests.integration.cluster import Cluster
 from worker.config import load_worker_config
@@ -287,3 +295,62 @@ def test_the_dead_letter_exchange_a_worker_may_write_reaches_only_dead_letter_qu
 
     assert message_count(admin_url, CONTROL_QUEUE) == before[0]  # nothing reached the coordinator
     assert message_count(admin_url, dlq) == before[1] + 1
+
+
+# ------------------------------------------------------------------- identity on the coordinator
+
+
+def test_the_coordinator_rejects_a_delta_whose_worker_is_not_the_broker_validated_user(
+    deployment: Deployment,
+):
+    """The broker vouches for ``user_id``; the coordinator holds every delta to it (and to the task)."""
+    alice, bob, cluster = deployment.alice, deployment.bob, deployment.cluster
+    cluster.register("lp-model", make_linear_model(4, 3, model_id="lp-model"))
+    with cluster.database() as db:
+        registry = ModelRegistry(db, KeySigner.from_settings(cluster.settings))
+        engine = RoundEngine(db, registry)
+        engine.start_run(
+            StartRun(
+                run_id=uuid.uuid4().hex,
+                model="lp-model",
+                rounds=1,
+                min_workers=2,
+                deadline_s=600.0,
+                workers=[alice, bob],
+            )
+        )
+        base = registry.version("lp-model", 1)
+        weights = registry.weights("lp-model", 1)
+        with db.session() as session:
+            rows = session.execute(select(Worker.name, Task).join(Task, Task.worker_id == Worker.id)).all()
+            tasks = {name: t for name, t in rows}
+
+        def report(task_of: str, worker: str) -> DeltaReport:
+            return DeltaReport(
+                task_id=tasks[task_of].task_id,
+                round_id=tasks[task_of].round_id,
+                worker=worker,
+                model="lp-model",
+                base_version=1,
+                base_weights_sha256=base.weights_sha256,
+                sample_count=10,
+                payload=codec.encode_weights([np.zeros_like(w) for w in weights]),
+            )
+
+        # Execute: bob (authenticated as bob) sends a delta for alice's task naming her, then naming
+        # himself; a delta without user_id; alice's own delta; bob names alice on his own task.
+        bob_as_alice = engine.record_delta(report(alice, alice), user_id=bob)
+        bob_on_alices_task = engine.record_delta(report(alice, bob), user_id=bob)
+        anonymous = engine.record_delta(report(alice, alice), user_id=None)
+        genuine = engine.record_delta(report(alice, alice), user_id=alice)
+        bob_naming_alice = engine.record_delta(report(bob, alice), user_id=bob)
+
+    assert bob_as_alice.status == "rejected"
+    assert f"sent by broker user '{bob}', not by worker '{alice}'" in bob_as_alice.reason
+    assert bob_on_alices_task.status == "rejected"
+    assert f"belongs to {alice}, not {bob}" in bob_on_alices_task.reason
+    assert anonymous.status == "rejected" and "sent by broker user None" in anonymous.reason
+    assert (
+        bob_naming_alice.status == "rejected" and f"belongs to {bob}, not {alice}" in bob_naming_alice.reason
+    )
+    assert genuine.status == "accepted"  # the spoofed deltas did not take the task from its worker
