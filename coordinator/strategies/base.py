@@ -38,8 +38,12 @@ class Aggregation(ABC):
     """One round's aggregation in progress."""
 
     @abstractmethod
-    def add(self, delta: Sequence[np.ndarray], sample_count: int, staleness: int = 0) -> None:
-        """Take one validated delta into account (the arrays are only read, never written)."""
+    def add(self, delta: Sequence[np.ndarray], sample_count: float, staleness: int = 0) -> None:
+        """Take one validated delta into account (the arrays are only read, never written).
+
+        ``sample_count`` weights the delta in the mean-based strategies; any positive number works,
+        so the engine may scale it by a staleness weight. ``staleness`` itself is not used here.
+        """
 
     @abstractmethod
     def finish(self) -> list[np.ndarray]:

@@ -46,7 +46,7 @@ class PipelineAggregation(Aggregation):
     def count(self) -> int:
         return self._count
 
-    def add(self, delta: Sequence[np.ndarray], sample_count: int, staleness: int = 0) -> None:
+    def add(self, delta: Sequence[np.ndarray], sample_count: float, staleness: int = 0) -> None:
         if self._finished:
             raise RuntimeError("add() after finish()")
         if sample_count <= 0:

@@ -91,3 +91,13 @@ def test_fedavg_holds_at_most_one_delta():
 
     assert sum(ref() is not None for ref in alive) <= 1, "one running sum, not the deltas"
     assert agg.finish()[0].tolist() == [2.0] * 1000  # (0+1+2+3+4)/5
+
+
+def test_fractional_weights_such_as_staleness_scaled_counts_are_accepted():
+    agg = get_strategy("fedavg").begin([np.zeros(1)])
+
+    agg.add([np.array([4.0])], 10 * 0.5)  # a stale delta the engine weighted by 0.5
+    agg.add([np.array([1.0])], 15)
+
+    # (5*4 + 15*1) / 20 = 1.75
+    assert agg.finish()[0].tolist() == [1.75]
