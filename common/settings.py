@@ -62,6 +62,17 @@ class Settings:
     chunk_size: int = 4 * _MIB
     """Bodies larger than this travel as chunks (keep well below RabbitMQ 4's 16 MiB limit)."""
 
+    amqp_heartbeat_s: int = 30
+    """AMQP heartbeat: a connection silent this long (twice, by RabbitMQ's rule) counts as dead."""
+
+    amqp_tls_ca_file: str | None = None
+    """CA bundle that verifies the broker's certificate (``amqps://``)."""
+
+    amqp_tls_cert_file: str | None = None
+    """Client certificate for ``amqps://`` (with ``amqp_tls_key_file``), when the broker asks for one."""
+
+    amqp_tls_key_file: str | None = None
+
     max_model_bytes: int = 2048 * _MIB
     """Largest weight frame accepted from the outside (codec limit)."""
 
@@ -92,6 +103,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{name} must be positive")
     if not 64 * 1024 <= s.chunk_size <= 16 * _MIB - 64 * 1024:
         raise ConfigError("chunk_size must be between 64 KiB and just under 16 MiB (RabbitMQ 4's limit)")
+    if s.amqp_heartbeat_s < 0:
+        raise ConfigError("amqp_heartbeat_s must be >= 0 (0 turns heartbeats off)")
     if s.max_model_bytes <= 0:
         raise ConfigError("max_model_bytes must be positive")
     if s.environment == "production" and urlsplit(s.amqp_url).password == "guest":

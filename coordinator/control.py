@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 
-from common.broker import BrokerConfig, OutgoingMessage, RabbitmqBroker
+from common.broker import OutgoingMessage, RabbitmqBroker, broker_config_from_settings
 from common.broker.topology import CONTROL_QUEUE
 from common.messages import Message
 from common.settings import Settings
@@ -22,9 +22,7 @@ def new_id() -> str:
 def submit(settings: Settings, message: Message, timeout_s: float = 15.0) -> None:
     """Publish ``message`` to the control queue and return once the broker confirmed it."""
     broker = RabbitmqBroker(
-        BrokerConfig(amqp_url=settings.amqp_url, chunk_size=settings.chunk_size),
-        name="fedmq-cli",
-        connect_deadline_s=timeout_s,
+        broker_config_from_settings(settings), name="fedmq-cli", connect_deadline_s=timeout_s
     )
     try:
         broker.publish(

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from sqlalchemy import select
 
-from common.broker import BrokerConfig, RabbitmqBroker, fedmq_topology
+from common.broker import RabbitmqBroker, broker_config_from_settings, fedmq_topology
 from common.broker.topology import (
     DEAD_LETTER_EXCHANGE,
     RESULTS_EXCHANGE,
@@ -116,9 +116,7 @@ def add_worker(
             )
         admin.add_user(node, name, password)
         admin.set_permissions(node, name, *worker_permissions(name), vhost=vhost_of(settings.amqp_url))
-    broker = RabbitmqBroker(
-        BrokerConfig(amqp_url=settings.amqp_url), name="fedmq-admin", connect_deadline_s=10
-    )
+    broker = RabbitmqBroker(broker_config_from_settings(settings), name="fedmq-admin", connect_deadline_s=10)
     try:
         broker.declare(fedmq_topology((name,)))
     finally:
@@ -131,9 +129,14 @@ def add_worker(
         else:
             row.status, row.credentials_fingerprint = "active", fingerprint
     url = worker_amqp_url(settings.amqp_url, name, password)
-    WorkerConfig(name=name, amqp_url=url, coordinator_public_key=public_path.read_text(), data=data).write(
-        config_path
-    )
+    WorkerConfig(
+        name=name,
+        amqp_url=url,
+        coordinator_public_key=public_path.read_text(),
+        data=data,
+        amqp_heartbeat_s=settings.amqp_heartbeat_s,
+        tls_ca_file=settings.amqp_tls_ca_file,
+    ).write(config_path)
     logger.info("worker %s added; config in %s", name, config_path)
     return AddedWorker(name, config_path, url)
 

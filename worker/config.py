@@ -7,6 +7,7 @@ optionally the local data path and the model cache directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.broker.config import BrokerConfig
 from common.errors import ConfigError
 
 WORKER_CONFIG_KEYS = ("name", "amqp_url", "coordinator_public_key")
@@ -29,6 +31,21 @@ class WorkerConfig:
     cache_dir: str | None = None
     heartbeat_s: float = 15.0
     fetch_timeout_s: float = 60.0
+    amqp_heartbeat_s: int = 30
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    def broker_config(self) -> BrokerConfig:
+        """The worker's connection settings (its own user; TLS when the URL is ``amqps://``)."""
+        return BrokerConfig(
+            amqp_url=self.amqp_url,
+            heartbeat_s=self.amqp_heartbeat_s,
+            tls_ca_file=self.tls_ca_file,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            spill_dir=self.cache_path() / "transfers",
+        )
 
     def public_key(self) -> Ed25519PublicKey:
         try:
@@ -53,6 +70,11 @@ class WorkerConfig:
             lines.append(f"data = {_quote(self.data)}")
         if self.cache_dir:
             lines.append(f"cache_dir = {_quote(self.cache_dir)}")
+        lines.append(f"amqp_heartbeat_s = {int(self.amqp_heartbeat_s)}")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            value = getattr(self, key)
+            if value:
+                lines.append(f"{key} = {_quote(str(value))}")
         return "\n".join(lines) + "\n"
 
     def write(self, path: Path) -> None:
@@ -80,15 +102,7 @@ def load_worker_config(path: str | Path) -> WorkerConfig:
     missing = [k for k in WORKER_CONFIG_KEYS if not isinstance(raw.get(k), str) or not raw.get(k)]
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)} (write it with `fedmq workers add`)")
-    known = {
-        "name",
-        "amqp_url",
-        "coordinator_public_key",
-        "data",
-        "cache_dir",
-        "heartbeat_s",
-        "fetch_timeout_s",
-    }
+    known = {f.name for f in dataclasses.fields(WorkerConfig)}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: unknown keys {', '.join(sorted(unknown))}")

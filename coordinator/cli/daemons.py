@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from common.broker import BrokerConfig, RabbitmqBroker
+from common.broker import RabbitmqBroker, broker_config_from_settings
 from common.settings import load_settings
 
 coordinator_app = typer.Typer(help="The coordinator daemon.", no_args_is_help=True)
@@ -55,9 +55,7 @@ def coordinator_run(
     db = Database.from_settings(settings)
     require_current(db)
     registry = ModelRegistry(db, KeySigner.from_settings(settings))
-    broker = RabbitmqBroker(
-        BrokerConfig(amqp_url=settings.amqp_url, chunk_size=settings.chunk_size), name="fedmq-coordinator"
-    )
+    broker = RabbitmqBroker(broker_config_from_settings(settings), name="fedmq-coordinator")
     stop = _stop_on_signals()
     Coordinator(db, registry, broker).run(stop)
 
@@ -83,6 +81,6 @@ def worker_run(
     cfg = load_worker_config(config)
     data_path = data or (Path(cfg.data) if cfg.data else None)
     local = load_local_data(data_path) if data_path is not None else None
-    broker = RabbitmqBroker(BrokerConfig(amqp_url=cfg.amqp_url), name=f"fedmq-worker-{cfg.name}")
+    broker = RabbitmqBroker(cfg.broker_config(), name=f"fedmq-worker-{cfg.name}")
     stop = _stop_on_signals()
     WorkerDaemon(cfg, broker, local).run(stop)
