@@ -30,7 +30,7 @@ class _AdaptiveStrategy(Strategy):
             "tau": as_float(self.name, "tau", tau, low=0.0, low_open=True),
         }
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return WeightedMean(base)
 
     def server_update(self) -> ServerUpdate:

@@ -79,8 +79,8 @@ class Strategy(ABC):
         self.privacy = PrivacyOptions()
 
     @abstractmethod
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
-        """A fresh combiner for one round; ``dp`` means sample counts must not weight the deltas."""
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
+        """A fresh combiner for one round."""
 
     def server_update(self) -> ServerUpdate:
         """How the aggregated delta moves the base (default: ``base + delta``)."""
@@ -94,9 +94,7 @@ class Strategy(ABC):
 
         update = self.server_update()
         state = update.check_state(base, server_state)
-        return PipelineAggregation(
-            base, self.combiner(base, self.privacy.noise_multiplier > 0), update, state, self.privacy
-        )
+        return PipelineAggregation(base, self.combiner(base), update, state, self.privacy)
 
     def client_options(self) -> dict[str, Any]:
         """Options merged into every worker's training options (FedProx's ``proximal_mu``)."""

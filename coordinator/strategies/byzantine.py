@@ -34,7 +34,7 @@ class MedianStrategy(_Robust):
     def __init__(self, *, server_lr: Any = 1.0) -> None:
         super().__init__(server_lr=self._lr(server_lr))
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return Median(base)
 
 
@@ -49,7 +49,7 @@ class TrimmedMeanStrategy(_Robust):
             server_lr=self._lr(server_lr),
         )
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return TrimmedMean(base, self.options["beta"])
 
 
@@ -61,7 +61,7 @@ class KrumStrategy(_Robust):
     def __init__(self, *, f: Any = 1, server_lr: Any = 1.0) -> None:
         super().__init__(f=as_int(self.name, "f", f), server_lr=self._lr(server_lr))
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return MultiKrum(base, self.options["f"], 1)
 
 
@@ -77,7 +77,7 @@ class MultiKrumStrategy(_Robust):
             server_lr=self._lr(server_lr),
         )
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return MultiKrum(base, self.options["f"], self.options["m"])
 
 
@@ -89,5 +89,5 @@ class BulyanStrategy(_Robust):
     def __init__(self, *, f: Any = 1, server_lr: Any = 1.0) -> None:
         super().__init__(f=as_int(self.name, "f", f), server_lr=self._lr(server_lr))
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return Bulyan(base, self.options["f"])

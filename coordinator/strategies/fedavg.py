@@ -29,7 +29,7 @@ class FedAvg(Strategy):
     def __init__(self, *, server_lr: Any = 1.0) -> None:
         super().__init__(server_lr=as_float(self.name, "server_lr", server_lr, low=0.0, low_open=True))
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return WeightedMean(base)
 
     def server_update(self) -> ServerUpdate:
@@ -47,7 +47,7 @@ class FedAvgM(Strategy):
             momentum=as_float(self.name, "momentum", momentum, low=0.0, high=1.0, high_open=True),
         )
 
-    def combiner(self, base: Sequence[np.ndarray], dp: bool) -> Combiner:
+    def combiner(self, base: Sequence[np.ndarray]) -> Combiner:
         return WeightedMean(base)
 
     def server_update(self) -> ServerUpdate:
