@@ -55,7 +55,11 @@ class HeldDeltas(Combiner):
 
         The matrix is reused from one block to the next: consume it before asking for the next.
         """
-        coords = max(1, self._block_bytes // (8 * len(rows)))
+        largest = max(
+            (int(np.prod(shape)) for avg, shape in zip(self.averaged, self.shapes, strict=True) if avg),
+            default=1,
+        )
+        coords = max(1, min(largest, self._block_bytes // (8 * len(rows))))
         buffer = np.empty(len(rows) * coords, dtype=np.float64)
         for j, averaged in enumerate(self.averaged):
             if not averaged:
@@ -66,7 +70,9 @@ class HeldDeltas(Combiner):
                 stop = min(start + coords, size)
                 matrix = buffer[: len(rows) * (stop - start)].reshape(len(rows), stop - start)
                 for out, r, flat in zip(matrix, rows, flats, strict=True):
-                    np.multiply(flat[start:stop], self.scales[r], out=out, dtype=np.float64)
+                    np.copyto(out, flat[start:stop])
+                    if self.scales[r] != 1.0:
+                        out *= self.scales[r]
                 yield j, slice(start, stop), matrix
 
     def reduce(self, rows: Sequence[int], rule: BlockRule) -> Combined:
