@@ -94,6 +94,7 @@ class Cluster:
             FEDMQ_AMQP_URL=self.settings.amqp_url,
             FEDMQ_KEYS_DIR=str(self.settings.keys_dir),
             FEDMQ_CHUNK_SIZE=str(self.settings.chunk_size),
+            FEDMQ_AMQP_HEARTBEAT_S=str(self.settings.amqp_heartbeat_s),
             TF_CPP_MIN_LOG_LEVEL="2",
             PYTHONPATH=str(ROOT),
         )
