@@ -1,0 +1,126 @@
+"""The round engine in process on a real database (no broker): strategy state and client options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from common import codec
+from common.keyfiles import write_key_pair
+from common.messages import DeltaReport, StartRun, TrainTask, decode
+from common.model.bundle import split_model
+from common.model.numpy_model import make_linear_model
+from common.settings import Settings
+from coordinator.db import Database, upgrade
+from coordinator.db.models import OutboxMessage, Run, Task, Worker
+from coordinator.registry import KeySigner, ModelRegistry
+from coordinator.rounds import RoundEngine
+from coordinator.strategies import get_strategy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def engine(tmp_path: Path, database_url: str):
+    settings = Settings(database_url=database_url, keys_dir=tmp_path / "keys")
+    write_key_pair(settings.keys_dir)
+    db = Database.from_settings(settings)
+    upgrade(db)
+    registry = ModelRegistry(db, KeySigner.from_settings(settings))
+    code, weights = split_model(make_linear_model(4, 3, model_id="m"))
+    registry.register("m", code, weights)
+    with db.session(write=True) as s:
+        s.add_all([Worker(name="a", status="active"), Worker(name="b", status="active")])
+    yield RoundEngine(db, registry), registry
+    db.dispose()
+
+
+def pending_tasks(engine: RoundEngine) -> list[TrainTask]:
+    with engine.db.session() as s:
+        pending = {t.task_id for t in s.scalars(select(Task).where(Task.state == "pending"))}
+        bodies = [
+            o.body for o in s.scalars(select(OutboxMessage).where(OutboxMessage.message_id.like("task-%")))
+        ]
+    tasks = [decode(b, TrainTask) for b in bodies if b]
+    return [t for t in tasks if t.task_id in pending]
+
+
+def answer(
+    engine: RoundEngine, registry: ModelRegistry, task: TrainTask, worker: str, delta_value: float
+) -> None:
+    base = registry.weights("m", task.version)
+    report = DeltaReport(
+        task_id=task.task_id,
+        round_id=task.round_id,
+        worker=worker,
+        model="m",
+        base_version=task.version,
+        base_weights_sha256=task.weights_sha256,
+        sample_count=10,
+        payload=codec.encode_weights([np.full_like(w, delta_value) for w in base]),
+    )
+    assert engine.record_delta(report, worker).status == "accepted"
+    engine.advance(task.round_id)
+
+
+def test_fedadam_state_is_carried_from_round_to_round_in_sql(engine):
+    # Prepare
+    engine, registry = engine
+    options = {"eta": 0.1, "tau": 0.01}
+    engine.start_run(
+        StartRun(
+            run_id="r",
+            model="m",
+            rounds=2,
+            min_workers=2,
+            deadline_s=60.0,
+            strategy="fedadam",
+            options=options,
+        )
+    )
+
+    # Execute: two rounds, every delta 0.5 everywhere.
+    for _ in range(2):
+        tasks = pending_tasks(engine)
+        assert len(tasks) == 2
+        for task in tasks:
+            with engine.db.session() as s:
+                worker = s.get(
+                    Worker, s.scalar(select(Task.worker_id).where(Task.task_id == task.task_id))
+                ).name
+            answer(engine, registry, task, worker, 0.5)
+
+    # Assert: the stored version 3 equals one uninterrupted FedAdam over the same two rounds.
+    strategy = get_strategy("fedadam", options)
+    weights, state = [np.array(w) for w in registry.weights("m", 1)], None
+    for _ in range(2):
+        agg = strategy.begin(weights, state)
+        for _ in range(2):
+            agg.add([np.full_like(w, 0.5) for w in weights], 10)
+        weights, state = agg.finish(), agg.server_state()
+    stored = registry.weights("m", 3)
+    for got, want in zip(stored, weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    with engine.db.session() as s:
+        assert s.scalar(select(Run.server_state_blob_id)) is not None
+
+
+def test_fedprox_sends_its_proximal_term_to_the_workers(engine):
+    engine, _ = engine
+    engine.start_run(
+        StartRun(
+            run_id="p",
+            model="m",
+            rounds=1,
+            min_workers=2,
+            deadline_s=60.0,
+            strategy="fedprox",
+            options={"mu": 0.05},
+            train={"epochs": 2},
+        )
+    )
+    tasks = pending_tasks(engine)
+    assert tasks and all(t.train == {"epochs": 2, "proximal_mu": 0.05} for t in tasks)
