@@ -100,10 +100,10 @@ class Cluster:
         )
         return env
 
-    def _spawn(self, key: str, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, key: str, *args: str, module: str = "coordinator.cli.main") -> subprocess.Popen[bytes]:
         log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - kept open for the process' life
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli.main", *args],
+            [sys.executable, "-m", module, *args],
             cwd=self.root,
             env=self.env(),
             stdout=log,
@@ -115,8 +115,11 @@ class Cluster:
     def start_coordinator(self) -> subprocess.Popen[bytes]:
         return self._spawn("coordinator", "coordinator", "run")
 
-    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
-        return self._spawn(name, "worker", "run", "--config", str(self.root / "workers" / f"{name}.toml"))
+    def start_worker(self, name: str, malicious: bool = False) -> subprocess.Popen[bytes]:
+        """A worker daemon; ``malicious`` runs tests/integration/malicious_worker.py (poisoned deltas)."""
+        module = "tests.integration.malicious_worker" if malicious else "coordinator.cli.main"
+        config = str(self.root / "workers" / f"{name}.toml")
+        return self._spawn(name, "worker", "run", "--config", config, module=module)
 
     def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(key)

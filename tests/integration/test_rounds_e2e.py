@@ -11,6 +11,7 @@ import pytest
 from common.model.numpy_model import make_linear_model
 from coordinator.registry import KeySigner, ModelRegistry
 from tests.integration.cluster import Cluster
+from tests.integration.test_rounds_faults import sqlite_cluster  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +116,61 @@ def test_an_apply_job_runs_at_a_worker_and_its_outputs_are_kept(cluster: Cluster
     assert result.exit_code == 0, result.output
     assert "done" in result.output
     np.testing.assert_allclose(np.load(cluster.root / "out.npy"), model(x_test[:5]), rtol=1e-6)
+
+
+def digits_split(n_workers: int) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    order = np.random.default_rng(3).permutation(len(x))
+    test, train = order[:400], order[400:]
+    return [{"x": x[i], "y": y[i]} for i in np.array_split(train, n_workers)], {"x": x[test], "y": y[test]}
+
+
+def test_a_poisoned_worker_is_withstood_by_a_robust_strategy(sqlite_cluster: Cluster):
+    # Prepare: three copies of one digits model; four honest workers and one whose deltas are x(-20).
+    cluster = sqlite_cluster
+    parts, test = digits_split(5)
+    np.savez(cluster.root / "heldout.npz", **test)
+    for name in ("clean", "robust", "naive"):
+        cluster.register(name, make_linear_model(64, 10, model_id="digits", learning_rate=0.5))
+    for i, part in enumerate(parts):
+        cluster.add_worker(f"w{i}", part)
+    cluster.start_coordinator()
+    for i in range(4):
+        cluster.start_worker(f"w{i}")
+    cluster.start_worker("w4", malicious=True)
+    cluster.wait_workers_seen([f"w{i}" for i in range(5)])
+    common = {
+        "rounds": 4,
+        "deadline_s": 120.0,
+        "train": {"epochs": 3, "batch_size": 16},
+        "eval_data": str(cluster.root / "heldout.npz"),
+    }
+
+    # Execute: FedAvg of the honest workers only; trimmed mean and FedAvg with the attacker.
+    honest = [f"w{i}" for i in range(4)]
+    clean = cluster.wait_run(cluster.start_run("clean", min_workers=4, workers=honest, **common))
+    everyone = [f"w{i}" for i in range(5)]
+    robust = cluster.wait_run(
+        cluster.start_run(
+            "robust",
+            min_workers=5,
+            workers=everyone,
+            strategy="trimmed-mean",
+            options={"beta": 0.2},
+            **common,
+        )
+    )
+    naive = cluster.wait_run(cluster.start_run("naive", min_workers=5, workers=everyone, **common))
+
+    # Assert: the robust run reaches the clean accuracy within 2 points; plain FedAvg does not.
+    def final(view) -> float:
+        assert view.state == "completed", view
+        return float(view.rounds[-1].metrics["eval_accuracy"])
+
+    assert final(clean) > 0.85
+    assert final(robust) >= final(clean) - 0.02
+    assert final(naive) < final(clean) - 0.2
+    assert robust.strategy == "trimmed-mean"
