@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from common.model.numpy_model import make_linear_model
 from coordinator.registry import KeySigner, ModelRegistry
 from tests.integration.cluster import Cluster
-from tests.integration.test_rounds_faults import sqlite_cluster  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +30,6 @@ def blobs(
         x, y = sample(per_worker, weights)
         parts.append({"x": x, "y": y})
     return parts, sample(600, np.full(3, 1 / 3))
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, rabbitmq, database_url: str) -> Iterator[Cluster]:
-    c = Cluster.create(tmp_path, database_url, rabbitmq.amqp_url, Path(rabbitmq.node.directory))
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def accuracy(cluster: Cluster, version: int, test: tuple[np.ndarray, np.ndarray]) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,27 +41,6 @@ def gaussian_parts(
             {"x": (centers[y] + rng.normal(0, 0.7, (per_worker, n_features))).astype(np.float32), "y": y}
         )
     return parts
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, rabbitmq, database_url: str) -> Iterator[Cluster]:
-    c = Cluster.create(tmp_path, database_url, rabbitmq.amqp_url, Path(rabbitmq.node.directory))
-    try:
-        yield c
-    finally:
-        c.stop_all()
-
-
-@pytest.fixture
-def sqlite_cluster(tmp_path: Path, rabbitmq) -> Iterator[Cluster]:
-    """For tests of the transport path, where the database backend does not matter."""
-    c = Cluster.create(
-        tmp_path, f"sqlite:///{tmp_path / 'fedmq.db'}", rabbitmq.amqp_url, Path(rabbitmq.node.directory)
-    )
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def check_oracle(cluster: Cluster) -> None:
