@@ -68,7 +68,8 @@ def test_three_workers_three_rounds_every_delta_accounted(cluster: Cluster):
     assert accuracy(cluster, 4, test) > accuracy(cluster, 1, test) + 0.3
 
 
-def test_an_apply_job_runs_at_a_worker_and_its_outputs_are_kept(cluster: Cluster):
+def test_an_apply_job_runs_at_a_worker_and_its_outputs_are_kept(sqlite_cluster: Cluster):
+    cluster = sqlite_cluster
     from typer.testing import CliRunner
 
     from coordinator.cli.main import app

@@ -143,7 +143,8 @@ def test_bad_and_duplicate_deltas_are_recorded_with_reasons_and_counted_once(clu
     check_oracle(cluster)
 
 
-def test_worker_killed_mid_training_gets_its_task_back_on_restart(cluster: Cluster):
+def test_worker_killed_mid_training_gets_its_task_back_on_restart(sqlite_cluster: Cluster):
+    cluster = sqlite_cluster
     # Prepare: training long enough (thousands of SGD steps) to be killed in the middle of it.
     cluster.register("m", make_linear_model(4, 3, model_id="m"))
     for i, part in enumerate(gaussian_parts(3, 4000)):
