@@ -13,7 +13,7 @@ Three promises, checked on every example:
 
 Set ``FEDMQ_RELIABILITY_FIGURES=path.json`` to write the figures (examples and peak memory per
 decoder) that docs/reliability.md quotes. The ``slow`` twins (``FEDMQ_LONG_TESTS=1``) run 20x
-the examples. ``python -m tests.unit.test_hostile_input atheris [-runs=N]`` drives the coordinator's
+the examples. ``python -m tests.unit.test_hostile_input atheris [-runs=N] [--corpus=DIR]`` drives the coordinator's
 intake with atheris (coverage-guided) when it is installed.
 """
 
@@ -1062,7 +1062,10 @@ def _atheris_main(argv: list[str]) -> None:  # pragma: no cover - a separate, op
                     pass
 
     seeds = [good_envelope(), good_release().release.encode(), good_release().frame]
-    corpus = Path(tempfile.mkdtemp(prefix="fedmq-atheris-"))
+    corpus_args = [a for a in argv if a.startswith("--corpus=")]
+    argv = [a for a in argv if a not in corpus_args]
+    corpus = Path(corpus_args[-1].split("=", 1)[1]) if corpus_args else Path(tempfile.mkdtemp())
+    corpus.mkdir(parents=True, exist_ok=True)
     for i, seed in enumerate(seeds):
         (corpus / f"seed{i}").write_bytes(seed)
     atheris.instrument_all()
@@ -1071,14 +1074,21 @@ def _atheris_main(argv: list[str]) -> None:  # pragma: no cover - a separate, op
 
 
 @pytest.mark.slow
-def test_atheris_drives_the_coordinator_intake():
+def test_atheris_drives_the_coordinator_intake(tmp_path: Path):
     """Coverage-guided fuzzing on top of hypothesis, when atheris is installed (it is optional)."""
     pytest.importorskip("atheris", reason="atheris is optional; hypothesis is the required fuzzer")
     import subprocess
 
     runs = int(os.environ.get("FEDMQ_ATHERIS_RUNS", "20000"))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit.test_hostile_input", "atheris", f"-runs={runs}"],
+        [
+            sys.executable,
+            "-m",
+            "tests.unit.test_hostile_input",
+            "atheris",
+            f"-runs={runs}",
+            f"--corpus={tmp_path}",
+        ],
         cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
