@@ -73,6 +73,7 @@ class IntakeBenchResult:
     publish_ratio: float
     target: float
     target_met: bool
+    load_average: float = 0.0  # 1-minute load average at the end: other work on the machine skews figures
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -229,4 +230,5 @@ def run_intake_benchmark(
         publish_ratio=coordinator / raw_publish,
         target=TARGET,
         target_met=ratio >= TARGET,
+        load_average=os.getloadavg()[0],
     )

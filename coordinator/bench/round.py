@@ -78,6 +78,7 @@ class RoundBenchResult:
     target: float = TINY_TARGET
     target_met: bool | None = None
     note: str = ""
+    load_average: float = 0.0  # 1-minute load average at the end: other work on the machine skews figures
 
 
 def model_shape(model_mb: float) -> tuple[int, int]:
@@ -386,4 +387,5 @@ def run_round_benchmark(
         target=target,
         target_met=None if ratio is None else ratio <= target,
         note=note,
+        load_average=os.getloadavg()[0],
     )

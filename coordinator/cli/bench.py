@@ -118,6 +118,7 @@ def _round_rows(r: RoundBenchResult) -> list[tuple[str, str, str]]:
             f"rounds (ms): {_ms(r.flower_round_s)}",
         ),
         ("fedmq / Flower", f"{r.ratio:.3f}x", _target(bool(r.target_met), r.ratio, r.target, "<=")),
+        ("load average", f"{r.load_average:.1f}", "1 min, at the end; other work skews the figures"),
     ]
 
 
@@ -148,6 +149,7 @@ def _intake_rows(r: IntakeBenchResult) -> list[tuple[str, str, str]]:
         ("coordinator intake", f"{r.coordinator_per_s:.0f} deltas/s", "validated, committed, acked"),
         ("intake / raw consume", f"{r.ratio:.2f}x", _target(r.target_met, r.ratio, r.target)),
         ("intake / raw publish", f"{r.publish_ratio:.2f}x", ""),
+        ("load average", f"{r.load_average:.1f}", "1 min, at the end; other work skews the figures"),
     ]
 
 
