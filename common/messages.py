@@ -68,7 +68,7 @@ def decode(body: bytes | bytearray | memoryview, expected: type[M] | None = None
         max_buffer_size=MAX_MAP_BYTES,
         max_str_len=MAX_MAP_BYTES,
         max_bin_len=MAX_MAP_BYTES,
-        max_array_len=10_000,
+        max_array_len=1_000,  # msgpack preallocates declared lengths: keep nested claims small
         max_map_len=1_000,
         max_ext_len=0,
     )

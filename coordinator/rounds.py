@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 RUN_RUNNING, RUN_COMPLETED, RUN_FAILED, RUN_CANCELLED = "running", "completed", "failed", "cancelled"
 ROUND_OPEN, ROUND_CLOSED, ROUND_FAILED, ROUND_CANCELLED = "open", "closed", "failed", "cancelled"
-TASK_PENDING, TASK_DONE, TASK_FAILED = "pending", "done", "failed"
+TASK_PENDING, TASK_DONE, TASK_FAILED, TASK_CANCELLED = "pending", "done", "failed", "cancelled"
 DELTA_ACCEPTED, DELTA_REJECTED, DELTA_AGGREGATED = "accepted", "rejected", "aggregated"
 RELEASE_HEADER = "x-fedmq-release"
 
@@ -153,11 +153,15 @@ class RoundEngine:
             if run.state != RUN_RUNNING:
                 return False
             run.state, run.reason, run.finished_at = RUN_CANCELLED, msg.reason, self.clock()
+            open_ids = list(
+                session.scalars(select(Round.id).where(Round.run_id == run.run_id, Round.state == ROUND_OPEN))
+            )
             session.execute(
                 update(Round)
-                .where(Round.run_id == run.run_id, Round.state == ROUND_OPEN)
+                .where(Round.id.in_(open_ids))
                 .values(state=ROUND_CANCELLED, reason=msg.reason, closed_at=self.clock())
             )
+            self._cancel_pending_tasks(session, open_ids)
         return True
 
     # ------------------------------------------------------------------------------ rounds
@@ -479,6 +483,15 @@ class RoundEngine:
                 return ROUND_FAILED
             return None
 
+    def _cancel_pending_tasks(self, session: Session, round_ids: list[int]) -> None:
+        """Tasks of a round that ended without them are answered as cancelled (late deltas are refused)."""
+        if round_ids:
+            session.execute(
+                update(Task)
+                .where(Task.round_id.in_(round_ids), Task.state == TASK_PENDING)
+                .values(state=TASK_CANCELLED, done_at=self.clock())
+            )
+
     def _advance_async(self, session: Session, run: Run, round_: Round) -> str | None:
         """Aggregate a full buffer; fail one that stays short past its deadline; keep workers busy."""
         accepted = (
@@ -526,6 +539,7 @@ class RoundEngine:
 
     def _fail_round(self, session: Session, round_: Round, reason: str) -> None:
         round_.state, round_.reason, round_.closed_at = ROUND_FAILED, reason, self.clock()
+        self._cancel_pending_tasks(session, [round_.id])
         run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
         if run is not None and run.state == RUN_RUNNING:
             run.state, run.reason, run.finished_at = (
@@ -616,6 +630,9 @@ class RoundEngine:
             )
         elif run.state == RUN_RUNNING:
             run.state, run.finished_at = RUN_COMPLETED, self.clock()
+            if run.mode == "async":  # workers still training for this run: their deltas come too late
+                run_rounds = list(session.scalars(select(Round.id).where(Round.run_id == run.run_id)))
+                self._cancel_pending_tasks(session, run_rounds)
 
 
 def staleness_weight(staleness: int) -> float:

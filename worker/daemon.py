@@ -30,7 +30,7 @@ from common.broker.topology import (
     worker_release_queue,
     worker_task_queue,
 )
-from common.errors import BrokerError, DecodeError, FedmqError, PoisonMessageError, SignatureError
+from common.errors import BrokerError, FedmqError, PoisonMessageError, SignatureError
 from common.messages import (
     ApplyTask,
     DeltaReport,
@@ -149,9 +149,9 @@ class WorkerDaemon:
             release = self.store.get(
                 task.model, task.version, task.weights_sha256, self._fetch, self.config.fetch_timeout_s
             )
-        except (SignatureError, DecodeError) as exc:
+        except FedmqError as exc:  # refused, or never arrived: this task cannot be done here
             self._send(
-                TaskFailed(task_id=task.task_id, worker=self.config.name, reason=f"release refused: {exc}")
+                TaskFailed(task_id=task.task_id, worker=self.config.name, reason=f"no usable release: {exc}")
             )
             return
         model = self._load(release)

@@ -1,0 +1,189 @@
+"""A hypothesis state machine over the round engine on a real SQLite database (issue 6).
+
+It interleaves deliveries, duplicate deliveries, garbage, crashes in the middle of an aggregation
+(the transaction dies half-way), coordinator restarts (a fresh engine, caches gone) and deadline
+ticks, and after every step checks the oracle: every accepted delta is in exactly one aggregated
+version or still pending; none counts twice; no version is half-written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from sqlalchemy import func, select
+
+from common import codec
+from common.keyfiles import write_key_pair
+from common.messages import DeltaReport, StartRun, TrainTask, decode
+from common.model.bundle import split_model
+from common.model.numpy_model import make_linear_model
+from common.settings import Settings
+from coordinator.db import Database, upgrade
+from coordinator.db.models import Delta, ModelVersion, OutboxMessage, Round, Task, Worker
+from coordinator.registry import KeySigner, ModelRegistry
+from coordinator.rounds import RoundEngine, utcnow
+
+pytestmark = pytest.mark.integration
+WORKERS = ("a", "b", "c")
+
+
+class CrashError(Exception):
+    """Stands for the coordinator dying in the middle of a transaction."""
+
+
+class RoundMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="fedmq-sm-"))
+        self.settings = Settings(
+            database_url=f"sqlite:///{self.dir / 'db.sqlite'}", keys_dir=self.dir / "keys"
+        )
+        write_key_pair(self.settings.keys_dir)
+        self.db = Database.from_settings(self.settings)
+        upgrade(self.db)
+        self.registry = ModelRegistry(self.db, KeySigner.from_settings(self.settings))
+        code, weights = split_model(make_linear_model(3, 2, model_id="m"))
+        self.registry.register("m", code, weights)
+        with self.db.session(write=True) as s:
+            s.add_all([Worker(name=w, status="active") for w in WORKERS])
+        self.now = utcnow()
+        self.engine = self._engine()
+        self.runs = 0
+        self.sent: dict[str, bytes] = {}
+
+    def _engine(self) -> RoundEngine:
+        return RoundEngine(self.db, self.registry, clock=lambda: self.now)
+
+    def teardown(self) -> None:
+        self.db.dispose()
+
+    def _pending(self, worker: str) -> TrainTask | None:
+        with self.db.session() as s:
+            ids = set(
+                s.scalars(
+                    select(Task.task_id)
+                    .join(Worker, Task.worker_id == Worker.id)
+                    .where(Worker.name == worker, Task.state == "pending")
+                )
+            )
+            bodies = [
+                o.body
+                for o in s.scalars(select(OutboxMessage).where(OutboxMessage.message_id.like("task-%")))
+            ]
+        for body in bodies:
+            task = decode(body or b"", TrainTask)
+            if task.task_id in ids:
+                return task
+        return None
+
+    @precondition(lambda self: self.runs < 3)
+    @rule(rounds=st.integers(1, 3))
+    def start_run(self, rounds: int) -> None:
+        self.runs += 1
+        self.engine.start_run(
+            StartRun(run_id=f"r{self.runs}", model="m", rounds=rounds, min_workers=2, deadline_s=60.0)
+        )
+
+    @rule(worker=st.sampled_from(WORKERS), value=st.floats(-1, 1), twice=st.booleans())
+    def deliver(self, worker: str, value: float, twice: bool) -> None:
+        task = self._pending(worker)
+        if task is None:
+            return
+        base = self.registry.weights("m", task.version)
+        report = DeltaReport(
+            task_id=task.task_id,
+            round_id=task.round_id,
+            worker=worker,
+            model="m",
+            base_version=task.version,
+            base_weights_sha256=task.weights_sha256,
+            sample_count=5,
+            payload=codec.encode_weights([np.full_like(w, value) for w in base]),
+        )
+        with self.db.session() as s:
+            round_open = s.scalar(select(Round.state).where(Round.id == task.round_id)) == "open"
+        first = self.engine.record_delta(report, worker)
+        assert first.status == ("accepted" if round_open else "rejected"), first
+        if twice:
+            assert self.engine.record_delta(report, worker).status == "duplicate"
+
+    @rule(worker=st.sampled_from(WORKERS), junk=st.binary(max_size=64))
+    def deliver_garbage(self, worker: str, junk: bytes) -> None:
+        task = self._pending(worker)
+        if task is None:
+            return
+        report = DeltaReport(
+            task_id=task.task_id,
+            round_id=task.round_id,
+            worker=worker,
+            model="m",
+            base_version=task.version,
+            base_weights_sha256=task.weights_sha256,
+            sample_count=5,
+            payload=junk,
+        )
+        assert self.engine.record_delta(report, worker).status == "rejected"
+
+    @rule()
+    def crash_while_aggregating(self) -> None:
+        original = self.registry.store_version_in
+
+        def die(*args: object, **kwargs: object) -> ModelVersion:
+            original(*args, **kwargs)  # the version row is written, then the process dies
+            raise CrashError
+
+        self.registry.store_version_in = die  # type: ignore[method-assign]
+        try:
+            for round_id in self.engine.open_round_ids():
+                try:
+                    self.engine.advance(round_id)
+                except CrashError:
+                    pass
+        finally:
+            self.registry.store_version_in = original  # type: ignore[method-assign]
+        self.engine = self._engine()  # the restarted coordinator
+
+    @rule()
+    def restart(self) -> None:
+        self.engine = self._engine()
+
+    @rule(seconds=st.sampled_from([1, 61]))
+    def tick(self, seconds: int) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+        for round_id in self.engine.open_round_ids():
+            self.engine.advance(round_id)
+
+    @invariant()
+    def every_delta_counts_once(self) -> None:
+        with self.db.session() as s:
+            per_task = s.execute(
+                select(Delta.task_id, func.count()).where(Delta.task_id.is_not(None)).group_by(Delta.task_id)
+            ).all()
+            assert all(n == 1 for _, n in per_task)
+            for round_ in s.scalars(select(Round)):
+                statuses = list(s.scalars(select(Delta.status).where(Delta.round_id == round_.id)))
+                if round_.state == "closed":
+                    assert "accepted" not in statuses
+                    version = s.get(ModelVersion, round_.result_version_id)
+                    assert version is not None and version.round_id == round_.id
+                    assert version.metrics is not None and version.metrics["deltas"] == statuses.count(
+                        "aggregated"
+                    )
+                else:
+                    assert "aggregated" not in statuses
+            closed = s.scalar(select(func.count()).where(Round.state == "closed"))
+            versions = s.scalar(select(func.count()).select_from(ModelVersion))
+            assert versions == 1 + closed, (
+                "a version without its round (half-written) or a round without its version"
+            )
+
+
+TestRoundMachine = RoundMachine.TestCase
+TestRoundMachine.settings = settings(max_examples=20, stateful_step_count=20, deadline=None)
