@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -22,7 +23,7 @@ pytestmark = [
 ]
 
 
-def bench(*args: str) -> dict[str, object]:
+def bench(*args: str) -> dict[str, Any]:
     result = CliRunner().invoke(app, ["bench", *args, "--json"])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     return json.loads(result.stdout)
