@@ -23,6 +23,7 @@ from sqlalchemy import select
 from common.broker import Broker, Delivery, OutgoingMessage
 from common.broker.topology import CONTROL_QUEUE, FETCH_QUEUE, RESULTS_QUEUE, fedmq_topology
 from common.errors import ConfigError, DecodeError, NotFoundError, PoisonMessageError
+from common.faults import fault_point
 from common.messages import (
     CancelRun,
     DeltaReport,
@@ -106,8 +107,10 @@ class Coordinator:
         if isinstance(message, DeltaReport):
             outcome = self.engine.record_delta(message, delivery.user_id)
             logger.info("delta for task %s: %s %s", message.task_id, outcome.status, outcome.reason)
-            if outcome.round_id is not None:
-                self.engine.advance(outcome.round_id)
+            if outcome.status == "accepted":
+                fault_point("coordinator-after-delta-commit")
+            if outcome.round_id is not None and self.engine.advance(outcome.round_id) == "closed":
+                fault_point("coordinator-after-aggregation-commit")
         elif isinstance(message, TaskFailed):
             if self.engine.record_failure(message, delivery.user_id):
                 self.tick()

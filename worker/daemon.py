@@ -31,6 +31,7 @@ from common.broker.topology import (
     worker_task_queue,
 )
 from common.errors import BrokerError, FedmqError, PoisonMessageError, SignatureError
+from common.faults import fault_point
 from common.messages import (
     ApplyTask,
     DeltaReport,
@@ -170,6 +171,7 @@ class WorkerDaemon:
             payload=codec.encode_weights(result.delta),
         )
         self._send(report)  # returns after the broker confirmed it; then the task is acked
+        fault_point("worker-after-delta-publish")
         logger.info("task %s: delta against %s v%d sent", task.task_id, task.model, task.version)
 
     def _apply(self, job: ApplyTask) -> None:

@@ -100,26 +100,33 @@ class Cluster:
         )
         return env
 
-    def _spawn(self, key: str, *args: str, module: str = "coordinator.cli.main") -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, key: str, *args: str, module: str = "coordinator.cli.main", kill_at: str | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - kept open for the process' life
+        env = self.env()
+        if kill_at:
+            env["FEDMQ_FAULT_KILL_AT"] = kill_at  # common/faults.py: SIGKILL at that point
         proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             cwd=self.root,
-            env=self.env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         self.procs[key] = proc
         return proc
 
-    def start_coordinator(self) -> subprocess.Popen[bytes]:
-        return self._spawn("coordinator", "coordinator", "run")
+    def start_coordinator(self, kill_at: str | None = None) -> subprocess.Popen[bytes]:
+        return self._spawn("coordinator", "coordinator", "run", kill_at=kill_at)
 
-    def start_worker(self, name: str, malicious: bool = False) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, name: str, malicious: bool = False, kill_at: str | None = None
+    ) -> subprocess.Popen[bytes]:
         """A worker daemon; ``malicious`` runs tests/integration/malicious_worker.py (poisoned deltas)."""
         module = "tests.integration.malicious_worker" if malicious else "coordinator.cli.main"
         config = str(self.root / "workers" / f"{name}.toml")
-        return self._spawn(name, "worker", "run", "--config", config, module=module)
+        return self._spawn(name, "worker", "run", "--config", config, module=module, kill_at=kill_at)
 
     def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(key)
@@ -169,6 +176,11 @@ class Cluster:
             time.sleep(0.25)
         logs = "\n".join(f"--- {k}\n{self.log(k)[-3000:]}" for k in ("coordinator", *self.procs))
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+    def wait_exit(self, key: str, timeout_s: float = 120.0) -> int:
+        """Wait for a process expected to die (at a fault point); return its exit code."""
+        proc = self.procs.pop(key)
+        return proc.wait(timeout=timeout_s)
 
     def wait_workers_seen(self, names: list[str], timeout_s: float = 120.0) -> None:
         """Wait until every named worker's heartbeat reached the coordinator (so it counts as live)."""

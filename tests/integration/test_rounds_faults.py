@@ -308,3 +308,53 @@ def test_a_task_that_crashes_the_worker_every_time_is_dead_lettered_and_the_roun
     reason = (properties.headers or {}).get("x-fedmq-reason", "")
     assert "IndexError" in reason or "index" in reason.lower(), properties.headers
     check_oracle(cluster)
+
+
+def test_worker_killed_after_publishing_before_acking_counts_once(sqlite_cluster: Cluster):
+    # Prepare: w0 dies (SIGKILL) right after the broker confirmed its delta, before acking its task.
+    cluster = sqlite_cluster
+    cluster.register("m", make_linear_model(4, 3, model_id="m"))
+    for i, part in enumerate(gaussian_parts(2, 200)):
+        cluster.add_worker(f"w{i}", part)
+    cluster.start_coordinator()
+    cluster.start_worker("w0", kill_at="worker-after-delta-publish")
+    cluster.start_worker("w1")
+    run_id = cluster.start_run("m", rounds=2, min_workers=2)
+
+    # Execute
+    assert cluster.wait_exit("w0") == -9
+    cluster.start_worker("w0")
+    view = cluster.wait_run(run_id)
+
+    # Assert: the task came back and was trained again; its second delta was a duplicate.
+    assert view.state == "completed"
+    for r in view.rounds:
+        assert sorted(d.worker for d in r.deltas) == ["w0", "w1"]
+    assert "duplicate" in cluster.log("coordinator")
+    check_oracle(cluster)
+
+
+@pytest.mark.parametrize("point", ["coordinator-after-delta-commit", "coordinator-after-aggregation-commit"])
+def test_coordinator_killed_at_a_commit_before_acking_or_publishing(sqlite_cluster: Cluster, point: str):
+    # Prepare
+    cluster = sqlite_cluster
+    cluster.register("m", make_linear_model(4, 3, model_id="m"))
+    for i, part in enumerate(gaussian_parts(2, 200)):
+        cluster.add_worker(f"w{i}", part)
+    cluster.start_coordinator(kill_at=point)
+    for i in range(2):
+        cluster.start_worker(f"w{i}")
+    run_id = cluster.start_run("m", rounds=2, min_workers=2)
+
+    # Execute: the coordinator dies at the point; a new one takes over the same database and queues.
+    assert cluster.wait_exit("coordinator") == -9
+    cluster.start_coordinator()
+    view = cluster.wait_run(run_id)
+
+    # Assert: both rounds complete with one delta per worker; the unacked delta (or the unpublished
+    # release and tasks of round 2) were handled once.
+    assert view.state == "completed"
+    assert [r.result_version for r in view.rounds] == [2, 3]
+    for r in view.rounds:
+        assert sorted(d.worker for d in r.deltas) == ["w0", "w1"]
+    check_oracle(cluster)
