@@ -217,3 +217,42 @@ def aggregate(
     """
     result = run_aggregate_benchmark(size_mb=size_mb, repeat=repeat)
     _report("fedmq bench aggregate", _aggregate_rows(result), result, as_json)
+
+
+@app.command("study")
+def study(
+    workers: int = typer.Option(6, min=2, max=10, help="Workers in the non-IID split."),
+    rounds: int = typer.Option(10, min=1, help="Rounds (async: versions)."),
+    epochs: int = typer.Option(2, min=1, help="Local epochs per task."),
+    png: str = typer.Option(None, "--png", help="Also write the curves to this PNG (needs matplotlib)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Accuracy per round of FedAvg, FedProx, FedAdam and async FedBuff on non-IID digits.
+
+    Example: fedmq bench study --rounds 10 --png docs/img/digits-study.png
+    """
+    from pathlib import Path
+
+    from coordinator.bench.study import plot, run_study
+
+    result = run_study(
+        workers=workers, rounds=rounds, epochs=epochs, progress=lambda name: _progress(f"running {name}")
+    )
+    if png:
+        plot(result, Path(png))
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    table = Table(
+        title=f"Held-out accuracy, non-IID digits, {workers} workers, {epochs} local epochs per task"
+    )
+    table.add_column("round", justify="right")
+    for name in [*result.curves, "centralized"]:
+        table.add_column(name, justify="right")
+    for r in range(rounds):
+        table.add_row(
+            str(r + 1), *(f"{c[r]:.3f}" for c in result.curves.values()), f"{result.centralized[r]:.3f}"
+        )
+    _console.print(table)
+    if png:
+        _console.print(f"plot written to {png}")
