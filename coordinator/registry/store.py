@@ -148,13 +148,7 @@ class ModelRegistry:
         with self.db.session(write=True) as session:
             model = self._model(session, name, lock=True)
             parent = self._version_row(session, model, parent_version)
-            count, _, layout = layout_of(weights)
-            if layout != parent.layout_sha256:
-                raise IncompatibleModelError(
-                    f"weights do not match {name} v{parent.version}: {count} arrays or their shapes/dtypes "
-                    f"differ from the parent's {parent.array_count}"
-                )
-            row = self._store_version(
+            row = self.store_version_in(
                 session,
                 model,
                 weights,
@@ -339,13 +333,19 @@ class ModelRegistry:
         strategy: str | None = None,
         strategy_config: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
+        timestamp_id: int | None = None,
+        note: str | None = None,
     ) -> ModelVersion:
-        """Store the next version inside the caller's transaction (the round engine closes the round
-        that made it in the same commit, so a crash never leaves a version without its round)."""
+        """Store the next version inside the caller's transaction, checked against its parent's layout.
+
+        The round engine calls this in the transaction that closes the round that made the version,
+        so a crash never leaves a version without its round (or the other way round).
+        """
         count, _, layout = layout_of(weights)
         if layout != parent.layout_sha256:
             raise IncompatibleModelError(
-                f"weights do not match {model.name} v{parent.version}: {count} arrays or their shapes/dtypes differ"
+                f"weights do not match {model.name} v{parent.version}: {count} arrays or their shapes/dtypes "
+                f"differ from the parent's {parent.array_count}"
             )
         return self._store_version(
             session,
@@ -356,6 +356,8 @@ class ModelRegistry:
             strategy=strategy,
             strategy_config=strategy_config,
             metrics=metrics,
+            timestamp_id=timestamp_id,
+            note=note,
         )
 
     # ------------------------------------------------------------------------------------ helpers
