@@ -209,6 +209,8 @@ class StartRun(Message):
     mode: str = "sync"
     eval_data: str | None = None
     max_staleness: int = 10
+    max_norm: float | None = None
+    max_samples: int | None = None
 
 
 @dataclass(frozen=True)

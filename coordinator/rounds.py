@@ -108,6 +108,10 @@ class RoundEngine:
             raise ConfigError(f"mode {msg.mode!r}: choose sync or async")
         if msg.max_staleness < 0:
             raise ConfigError("max_staleness must be >= 0")
+        if (msg.max_norm is not None and not msg.max_norm > 0) or (
+            msg.max_samples is not None and msg.max_samples < 1
+        ):
+            raise ConfigError("max_norm must be positive and max_samples at least 1")
         with self.db.session(write=True) as session:
             if session.scalar(select(Run.id).where(Run.run_id == msg.run_id)) is not None:
                 logger.info("run %s already recorded; ignoring the duplicate submission", msg.run_id)
@@ -130,6 +134,8 @@ class RoundEngine:
                 train_options=dict(msg.train),
                 eval_data=msg.eval_data,
                 max_staleness=msg.max_staleness if msg.mode == "async" else None,
+                max_norm=msg.max_norm,
+                max_samples=msg.max_samples,
             )
             session.add(run)
             session.flush()
@@ -300,7 +306,7 @@ class RoundEngine:
                     delta = codec.decode_weights(report.payload, limits=limits)
                 except DecodeError as exc:
                     raise DeltaRejectedError(f"weights do not decode: {exc}") from exc
-                norm = validate_delta(delta, base_weights, report.sample_count, self.policy)
+                norm = validate_delta(delta, base_weights, report.sample_count, self._policy(run))
             except DeltaRejectedError as exc:
                 self._store_rejected(session, report, task, exc.reason, user_id)
                 logger.warning("delta for task %s rejected: %s", report.task_id, exc.reason)
@@ -323,6 +329,14 @@ class RoundEngine:
             task.state, task.done_at = TASK_DONE, self.clock()
             worker.last_seen_at = self.clock()
             return DeltaOutcome("accepted", round_id=round_.id)
+
+    def _policy(self, run: Run | None) -> DeltaPolicy:
+        """The coordinator's delta bounds, tightened by the run's own."""
+        if run is None:
+            return self.policy
+        max_norm = run.max_norm if run.max_norm is not None else self.policy.max_norm
+        max_samples = run.max_samples if run.max_samples is not None else self.policy.max_sample_count
+        return DeltaPolicy(max_norm=max_norm, max_sample_count=max_samples)
 
     @staticmethod
     def _run_of(session: Session, task: Task | None) -> Run | None:

@@ -136,6 +136,14 @@ def start_command(
     max_staleness: int = typer.Option(
         10, "--max-staleness", min=0, help="async: reject deltas more than this many versions behind."
     ),
+    max_norm: float = typer.Option(
+        None,
+        "--max-norm",
+        help="Reject deltas whose L2 norm exceeds this (to clip instead: --option clip=C).",
+    ),
+    max_samples: int = typer.Option(
+        None, "--max-samples", help="Reject deltas claiming more samples than this."
+    ),
     wait: bool = typer.Option(False, "--wait", help="Follow the run's progress until it ends."),
 ) -> None:
     """Submit a training run to the coordinator (through the control queue).
@@ -165,6 +173,8 @@ def start_command(
         eval_data=str(Path(eval_data).resolve()) if eval_data else None,
         mode=mode,
         max_staleness=max_staleness,
+        max_norm=max_norm,
+        max_samples=max_samples,
     )
     submit(load_settings(), message)
     _console.print(f"run [bold]{run_id}[/] submitted: {rounds} rounds of {model}")

@@ -199,6 +199,10 @@ class Run(Base):
     server_state_blob_id: Mapped[int | None] = mapped_column(ForeignKey("blobs.id"))
     # Asynchronous runs: deltas more versions behind the current one than this are rejected.
     max_staleness: Mapped[int | None] = mapped_column(Integer)
+    # Delta bounds of this run: a delta whose L2 norm exceeds max_norm, or that claims more samples
+    # than max_samples, is rejected with that reason (None: the coordinator's defaults).
+    max_norm: Mapped[float | None] = mapped_column(Float)
+    max_samples: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Round(Base):

@@ -124,3 +124,31 @@ def test_fedprox_sends_its_proximal_term_to_the_workers(engine):
     )
     tasks = pending_tasks(engine)
     assert tasks and all(t.train == {"epochs": 2, "proximal_mu": 0.05} for t in tasks)
+
+
+def test_a_runs_norm_bound_and_sample_cap_reject_deltas_with_their_reason(engine):
+    engine, registry = engine
+    engine.start_run(
+        StartRun(run_id="b", model="m", rounds=1, min_workers=2, deadline_s=60.0, max_norm=1.0, max_samples=8)
+    )
+    tasks = pending_tasks(engine)
+    base = registry.weights("m", 1)
+    outcomes = []
+    for task, (value, samples) in zip(tasks, [(0.5, 5), (0.01, 9)], strict=True):
+        with engine.db.session() as s:
+            worker = s.get(Worker, s.scalar(select(Task.worker_id).where(Task.task_id == task.task_id))).name
+        report = DeltaReport(
+            task_id=task.task_id,
+            round_id=task.round_id,
+            worker=worker,
+            model="m",
+            base_version=1,
+            base_weights_sha256=task.weights_sha256,
+            sample_count=samples,
+            payload=codec.encode_weights([np.full_like(w, value) for w in base]),
+        )
+        outcomes.append(engine.record_delta(report, worker))
+
+    assert [o.status for o in outcomes] == ["rejected", "rejected"]
+    assert "L2 norm" in outcomes[0].reason and "exceeds the bound 1" in outcomes[0].reason
+    assert "sample count 9 exceeds the cap of 8" in outcomes[1].reason
