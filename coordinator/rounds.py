@@ -460,7 +460,20 @@ class RoundEngine:
             return list(session.scalars(select(Round.id).where(Round.state == ROUND_OPEN)))
 
     def advance(self, round_id: int) -> str | None:
-        """Close, fail or leave a round by its rule; returns the new state, or None if unchanged."""
+        """Close, fail or leave a round by its rule; returns the new state (``open`` when an async
+        round stays open but new tasks were written), or None if nothing changed.
+
+        The rule is first checked in a read transaction: most deltas leave their round open, and
+        then no write lock is taken.
+        """
+        with self.db.session() as session:
+            round_ = session.get(Round, round_id)
+            if round_ is None or round_.state != ROUND_OPEN:
+                return None
+            run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
+            is_async = run is not None and run.mode == "async"
+            if not is_async and self._sync_rule(session, round_) is None:
+                return None
         with self.db.session(write=True) as session:
             query = select(Round).where(Round.id == round_id)
             if self.db.backend == "postgresql":
@@ -471,31 +484,37 @@ class RoundEngine:
             run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
             if run is not None and run.mode == "async":
                 return self._advance_async(session, run, round_)
-            # Counted in SQL: loading every task row made each delta O(tasks in the round).
-            pending = (
-                session.scalar(
-                    select(func.count()).where(Task.round_id == round_id, Task.state == TASK_PENDING)
-                )
-                or 0
-            )
-            accepted = (
-                session.scalar(
-                    select(func.count()).where(Delta.round_id == round_id, Delta.status == DELTA_ACCEPTED)
-                )
-                or 0
-            )
-            all_answered = pending == 0
-            past_deadline = round_.deadline is not None and self.clock() >= round_.deadline
-            if accepted >= round_.quorum and (all_answered or past_deadline):
+            rule = self._sync_rule(session, round_)
+            if rule is None:
+                return None
+            action, reason = rule
+            if action == ROUND_CLOSED:
                 self._aggregate(session, round_)
-                return ROUND_CLOSED
-            if past_deadline or (all_answered and accepted < round_.quorum):
-                reason = f"{accepted} accepted deltas, quorum {round_.quorum}; " + (
-                    "deadline passed" if past_deadline else "every task answered"
-                )
+            else:
                 self._fail_round(session, round_, reason)
-                return ROUND_FAILED
-            return None
+            return action
+
+    def _sync_rule(self, session: Session, round_: Round) -> tuple[str, str] | None:
+        """What a synchronous round's rule says now: (closed | failed, reason), or None to wait."""
+        # Counted in SQL: loading every task row made each delta O(tasks in the round).
+        pending = (
+            session.scalar(select(func.count()).where(Task.round_id == round_.id, Task.state == TASK_PENDING))
+            or 0
+        )
+        accepted = (
+            session.scalar(
+                select(func.count()).where(Delta.round_id == round_.id, Delta.status == DELTA_ACCEPTED)
+            )
+            or 0
+        )
+        all_answered = pending == 0
+        past_deadline = round_.deadline is not None and self.clock() >= round_.deadline
+        if accepted >= round_.quorum and (all_answered or past_deadline):
+            return ROUND_CLOSED, ""
+        if past_deadline or (all_answered and accepted < round_.quorum):
+            why = "deadline passed" if past_deadline else "every task answered"
+            return ROUND_FAILED, f"{accepted} accepted deltas, quorum {round_.quorum}; {why}"
+        return None
 
     def _cancel_pending_tasks(self, session: Session, round_ids: list[int]) -> None:
         """Tasks of a round that ended without them are answered as cancelled (late deltas are refused)."""
@@ -523,19 +542,20 @@ class RoundEngine:
                 session, round_, f"{accepted} of {round_.quorum} deltas when the deadline passed"
             )
             return ROUND_FAILED
-        if run.state == RUN_RUNNING:
-            self._refill_tasks(session, run)
+        if run.state == RUN_RUNNING and self._refill_tasks(session, run):
+            return state or ROUND_OPEN  # still open, but new tasks were written
         return state
 
-    def _refill_tasks(self, session: Session, run: Run) -> None:
-        """Give every worker of an async run without a pending task a task on the newest version."""
+    def _refill_tasks(self, session: Session, run: Run) -> int:
+        """Give every worker of an async run without a pending task a task on the newest version;
+        return how many tasks were issued."""
         current = session.scalar(
             select(Round)
             .where(Round.run_id == run.run_id, Round.state == ROUND_OPEN)
             .order_by(Round.number.desc())
         )
         if current is None:
-            return
+            return 0
         run_rounds = select(Round.id).where(Round.run_id == run.run_id)
         worker_ids = set(session.scalars(select(Task.worker_id).where(Task.round_id.in_(run_rounds))))
         busy = set(
@@ -546,10 +566,13 @@ class RoundEngine:
         model = session.get(Model, run.model_pk)
         base = session.get(ModelVersion, current.base_version_id)
         assert model is not None and base is not None
+        issued = 0
         for worker_id in sorted(w for w in worker_ids - busy if w is not None):
             worker = session.get(Worker, worker_id)
             if worker is not None and worker.status == "active":
                 self._issue_task(session, run, current, model, base, worker)
+                issued += 1
+        return issued
 
     def _fail_round(self, session: Session, round_: Round, reason: str) -> None:
         round_.state, round_.reason, round_.closed_at = ROUND_FAILED, reason, self.clock()

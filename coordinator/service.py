@@ -109,8 +109,12 @@ class Coordinator:
             logger.info("delta for task %s: %s %s", message.task_id, outcome.status, outcome.reason)
             if outcome.status == "accepted":
                 fault_point("coordinator-after-delta-commit")
-            if outcome.round_id is not None and self.engine.advance(outcome.round_id) == "closed":
+            changed = self.engine.advance(outcome.round_id) if outcome.round_id is not None else None
+            if changed == "closed":
                 fault_point("coordinator-after-aggregation-commit")
+            if changed is not None:
+                self.relay.wake()  # the round's end wrote release and task messages
+            return
         elif isinstance(message, TaskFailed):
             if self.engine.record_failure(message, delivery.user_id):
                 self.tick()
