@@ -23,9 +23,8 @@ import dataclasses
 import gc
 import logging
 import re
-import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from common.codec import decode_weights, encode_weights, weights_nbytes
+from coordinator.bench.codec import best_seconds as _best
 from coordinator.bench.codec import make_weights
 from coordinator.strategies import get_strategy
 
@@ -246,18 +246,6 @@ def _costs(size_mb: float, n: int, repeat: int) -> tuple[float, list[CostFigure]
         seconds = _best(partial(lambda s, o: _aggregate(s, o, base, iter(deltas)), name, options), repeat)
         costs.append(CostFigure(name, dict(options), seconds, seconds / fedavg))
     return fedavg, costs
-
-
-def _best(action: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        gc.collect()
-        start = time.perf_counter()
-        result = action()
-        elapsed = time.perf_counter() - start
-        del result
-        best = min(best, elapsed)
-    return max(best, 1e-9)
 
 
 def _reset_rss_peak() -> int | None:

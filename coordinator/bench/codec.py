@@ -91,7 +91,7 @@ def make_weights(size_mb: float, seed: int = 0) -> list[np.ndarray]:
     return weights
 
 
-def _best_seconds(action: Callable[[], object], repeat: int) -> float:
+def best_seconds(action: Callable[[], object], repeat: int) -> float:
     """Best wall time of ``repeat`` calls; results are dropped outside the timed region."""
     best = float("inf")
     for _ in range(repeat):
@@ -119,12 +119,12 @@ def run_codec_benchmark(size_mb: float = 100, repeat: int = 5) -> CodecBenchResu
         "codec benchmark: %d arrays, %d bytes of weights, frame %d bytes", len(weights), nbytes, len(frame)
     )
 
-    copy_s = _best_seconds(lambda: bytes(source_view), repeat)
-    warm_copy_s = _best_seconds(lambda: np.copyto(warm, source), repeat)
-    encode_s = _best_seconds(lambda: encode_weights(weights), repeat)
-    encode_into_s = _best_seconds(lambda: layout_frame(weights).write_into(reused), repeat)
-    decode_s = _best_seconds(lambda: decode_weights(frame), repeat)
-    round_trip_s = _best_seconds(lambda: decode_weights(encode_weights(weights)), repeat)
+    copy_s = best_seconds(lambda: bytes(source_view), repeat)
+    warm_copy_s = best_seconds(lambda: np.copyto(warm, source), repeat)
+    encode_s = best_seconds(lambda: encode_weights(weights), repeat)
+    encode_into_s = best_seconds(lambda: layout_frame(weights).write_into(reused), repeat)
+    decode_s = best_seconds(lambda: decode_weights(frame), repeat)
+    round_trip_s = best_seconds(lambda: decode_weights(encode_weights(weights)), repeat)
 
     def gbps(seconds: float) -> float:
         return nbytes / seconds / 1e9
