@@ -13,6 +13,7 @@ ever unpickled or executed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -58,6 +59,18 @@ class Message:
         return head + payload if payload else head
 
 
+@functools.cache
+def _schema(cls: type[Message]) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+    """(type hints, declared fields, fields without a default) of a message class, computed once."""
+    fields = [f for f in dataclasses.fields(cls) if f.name != "payload"]
+    required = {
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    return typing.get_type_hints(cls), frozenset(f.name for f in fields), frozenset(required)
+
+
 def decode(body: bytes | bytearray | memoryview, expected: type[M] | None = None) -> M:
     """Decode any message body (or one of type ``expected``); see the module docstring."""
     view = memoryview(body).cast("B")
@@ -98,19 +111,8 @@ def decode(body: bytes | bytearray | memoryview, expected: type[M] | None = None
     if type(size) is not int or size != len(tail) or (size and not cls.HAS_PAYLOAD):
         raise DecodeError(f"{name}: payload of {len(tail)} bytes does not match the declared {size!r}")
     values = {k: v for k, v in head.items() if k not in ("v", "type", "payload")}
-    hints = typing.get_type_hints(cls)
-    declared = {f.name for f in dataclasses.fields(cls)} - {"payload"}
-    unknown, missing = (
-        set(values) - declared,
-        {
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.name in declared
-            and f.name not in values
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        },
-    )
+    hints, declared, required = _schema(cls)
+    unknown, missing = set(values) - declared, required - set(values)
     if unknown or missing:
         raise DecodeError(f"{name}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
     for key, value in values.items():
