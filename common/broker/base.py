@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from common.broker.message import OutgoingMessage
-from common.broker.processing import Handler
+from common.broker.processing import BatchHandler, Handler
 from common.broker.topology import DeclaredTopology, Topology
 
 
@@ -42,8 +42,17 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def consumer(self, queue: str, handler: Handler, prefetch: int = 1) -> MessageConsumer:
-        """A consumer of ``queue`` (not started)."""
+    def consumer(
+        self,
+        queue: str,
+        handler: Handler,
+        prefetch: int = 1,
+        *,
+        batch_handler: BatchHandler | None = None,
+        max_batch: int = 1,
+    ) -> MessageConsumer:
+        """A consumer of ``queue`` (not started); with ``batch_handler``, deliveries in hand at once
+        (up to ``max_batch``) are handled together (see :mod:`common.broker.processing`)."""
 
     @abstractmethod
     def close(self) -> None:

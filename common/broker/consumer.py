@@ -2,7 +2,7 @@
 
 :class:`Consumer` owns one connection. Its I/O thread (the one calling :meth:`Consumer.run`) only
 moves frames: it keeps heartbeats flowing however long a handler runs. Deliveries go to one worker
-thread that runs :class:`~common.broker.processing.DeliveryProcessor` (reassembly, handler, retry
+thread (in batches, with a batch handler) that runs :class:`~common.broker.processing.DeliveryProcessor` (reassembly, handler, retry
 rules); the worker hands each decision back with ``add_callback_threadsafe`` and the I/O thread
 settles it:
 
@@ -37,6 +37,7 @@ from common.broker.config import BrokerConfig
 from common.broker.connection import backoff_delays, close_quietly, connect_with_retry
 from common.broker.errors import translating_pika_errors
 from common.broker.processing import (
+    BatchHandler,
     Decision,
     DeliveryProcessor,
     Handler,
@@ -81,7 +82,10 @@ class Consumer:
     """Consumes ``queue`` with ``handler`` until :meth:`stop`; see the module docstring.
 
     ``prefetch`` is how many unacked messages RabbitMQ may push ahead (1 for training tasks; a
-    window of a few chunks for large transfers).
+    window of a few chunks for large transfers). With a ``batch_handler``, up to ``max_batch``
+    deliveries already received (and at most about ``max_batch_bytes`` of bodies) are handled
+    together and settled together, after the handler returned (see
+    :class:`~common.broker.processing.DeliveryProcessor`).
     """
 
     def __init__(
@@ -92,13 +96,20 @@ class Consumer:
         prefetch: int = 1,
         name: str | None = None,
         reassembler: Reassembler | None = None,
+        batch_handler: BatchHandler | None = None,
+        max_batch: int = 1,
+        max_batch_bytes: int = 16 << 20,
     ) -> None:
         self.config = config
         self.queue = queue
         self.prefetch = prefetch
+        self.max_batch = max(1, max_batch) if batch_handler is not None else 1
+        self.max_batch_bytes = max_batch_bytes
         self.name = name or f"fedmq-consumer-{queue}"
         reassembler = reassembler or Reassembler(config.transfers_dir(queue), config.max_transfer_size)
-        self.processor = DeliveryProcessor(queue, handler, reassembler, config.max_delivery_attempts)
+        self.processor = DeliveryProcessor(
+            queue, handler, reassembler, config.max_delivery_attempts, batch_handler=batch_handler
+        )
         self.connections_opened = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -112,24 +123,47 @@ class Consumer:
 
     # -- worker thread -------------------------------------------------------------------------
 
+    def _next_batch(self) -> list[_Work] | None:
+        """The next delivery plus, up to ``max_batch``, those already waiting behind it (None: stop)."""
+        work = self._work.get()
+        if work is None:
+            return None
+        batch, size = [work], len(work.raw.body)
+        while len(batch) < self.max_batch and size < self.max_batch_bytes:
+            try:
+                more = self._work.get_nowait()
+            except queue_module.Empty:
+                break
+            if more is None:
+                self._work.put(None)  # stop after this batch
+                break
+            batch.append(more)
+            size += len(more.raw.body)
+        return batch
+
     def _worker(self) -> None:
-        while (work := self._work.get()) is not None:
-            if self._stop.is_set() or work.generation != self._generation:
-                continue  # never settled: RabbitMQ gives the message back when the channel closes
+        while (batch := self._next_batch()) is not None:
+            # Deliveries of an older connection are never settled: RabbitMQ gives them back.
+            live = [w for w in batch if not self._stop.is_set() and w.generation == self._generation]
+            if not live:
+                continue
             self._idle.clear()
             try:
                 try:
-                    decision = self.processor.process(work.raw)
-                except Exception as exc:  # a bug or a full disk: let the message come back later
+                    decisions = self.processor.process_batch([w.raw for w in live])
+                except Exception as exc:  # a bug or a full disk: let the messages come back later
                     logger.exception("%s: processing failed", self.name)
-                    decision = Decision(Outcome.RETRY, f"{type(exc).__name__}: {exc}")
+                    decisions = [Decision(Outcome.RETRY, f"{type(exc).__name__}: {exc}")] * len(live)
+                settled = list(zip(live, decisions, strict=True))
                 try:
                     with translating_pika_errors():
-                        work.connection.add_callback_threadsafe(
-                            functools.partial(self._settled.append, (work, decision))
+                        live[0].connection.add_callback_threadsafe(
+                            functools.partial(self._settled.extend, settled)
                         )
                 except BrokerError:
-                    logger.info("%s: connection gone before settling; message will be redelivered", self.name)
+                    logger.info(
+                        "%s: connection gone before settling; messages will be redelivered", self.name
+                    )
             finally:
                 self._idle.set()
 

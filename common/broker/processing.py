@@ -10,6 +10,10 @@ the handler and classifies its outcome:
 - it raises anything else: retry, until the message has been tried ``max_attempts`` times, then
   dead-letter it with the last error as the reason.
 
+With a batch handler, the complete messages of a batch (several deliveries the consumer had in hand
+at once) are handled together, e.g. in one database transaction, and each gets its own decision; a
+batch that fails as a whole is handled again one message at a time.
+
 Attempts come from the broker's ``x-delivery-count`` on quorum queues (which also counts deliveries
 to consumers that crashed); on classic queues the processor counts failures itself, per message,
 for as long as it lives. Transfers that stopped receiving chunks are dropped, at most once a
@@ -23,7 +27,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,9 @@ from common.errors import DecodeError, PoisonMessageError
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Delivery], None]
+# Handles several messages at once and answers for each: None (done) or the error it ended with, as
+# the single handler would have raised it. Raising instead means nothing of the batch took effect.
+BatchHandler = Callable[[Sequence[Delivery]], Sequence[BaseException | None]]
 _MAX_TRACKED = 10_000
 _EXPIRY_INTERVAL_S = 60.0
 
@@ -75,6 +82,17 @@ class RawDelivery:
     content_type: str | None = None
 
 
+@dataclass(frozen=True)
+class _Ready:
+    """A message of a batch and what deciding about it needs."""
+
+    index: int
+    key: str
+    attempts: int
+    delivery: Delivery | None = None
+    transfer: str | None = None
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
@@ -82,9 +100,17 @@ def _describe(exc: BaseException) -> str:
 class DeliveryProcessor:
     """Runs ``handler`` on the deliveries of ``queue``; see the module docstring for the rules."""
 
-    def __init__(self, queue: str, handler: Handler, reassembler: Reassembler, max_attempts: int) -> None:
+    def __init__(
+        self,
+        queue: str,
+        handler: Handler,
+        reassembler: Reassembler,
+        max_attempts: int,
+        batch_handler: BatchHandler | None = None,
+    ) -> None:
         self.queue = queue
         self.handler = handler
+        self.batch_handler = batch_handler
         self.reassembler = reassembler
         self.max_attempts = max_attempts
         self._failures: OrderedDict[str, int] = OrderedDict()
@@ -118,31 +144,75 @@ class DeliveryProcessor:
 
     def process(self, raw: RawDelivery) -> Decision:
         """Decide what to do with ``raw``; the handler runs here, in the caller's thread."""
+        return self.process_batch([raw])[0]
+
+    def process_batch(self, raws: Sequence[RawDelivery]) -> list[Decision]:
+        """Decide for each of ``raws``, in order; the complete messages among them go to the batch
+        handler together (when there is one and more than one is complete), else one by one.
+
+        A batch handler that raises has committed nothing (its contract): every message of the batch
+        then goes through the single-message handler on its own, so one bad message cannot hold back
+        or dead-letter the others.
+        """
         self._expire_stale_transfers()
+        decisions: list[Decision | None] = [None] * len(raws)
+        ready: list[_Ready] = []
+        for index, raw in enumerate(raws):
+            prepared = self._prepare(index, raw)
+            if isinstance(prepared, Decision):
+                decisions[index] = prepared
+            else:
+                ready.append(prepared)
+        for item, decision in zip(ready, self._handle(ready), strict=True):
+            decisions[item.index] = self._conclude(item, decision)
+        return [d for d in decisions if d is not None]
+
+    def _prepare(self, index: int, raw: RawDelivery) -> _Ready | Decision:
+        """The complete message ``raw`` carries, or the decision about it when there is none yet."""
         try:
             chunk = ChunkHeader.from_headers(raw.headers)
         except DecodeError as exc:
             return Decision(Outcome.DEAD_LETTER, _describe(exc))
         key = self._key(raw, chunk)
         attempts = self._attempts(raw, key)
-        handled_transfer: str | None = None
         try:
             delivery = self._delivery(raw, chunk, attempts)
-            if delivery is None:
-                return Decision(Outcome.ACK, attempts=attempts)
-            handled_transfer = chunk.transfer_id if chunk is not None else None
-            decision = self._run_handler(delivery, attempts)
         except DecodeError as exc:  # a chunk that cannot belong to a good transfer
             logger.warning("queue %s: rejecting chunk: %s", self.queue, exc)
             return Decision(Outcome.DEAD_LETTER, _describe(exc), attempts)
         except Exception as exc:  # a full disk or a bug here: counted like a handler failure
-            decision = self._failure(exc, attempts, raw.message_id)
+            return self._conclude(_Ready(index, key, attempts), self._failure(exc, attempts, raw.message_id))
+        if delivery is None:
+            return Decision(Outcome.ACK, attempts=attempts)
+        return _Ready(index, key, attempts, delivery, chunk.transfer_id if chunk is not None else None)
+
+    def _handle(self, ready: list[_Ready]) -> list[Decision]:
+        deliveries = [item.delivery for item in ready if item.delivery is not None]
+        if self.batch_handler is not None and len(deliveries) > 1:
+            try:
+                errors = list(self.batch_handler(deliveries))
+                if len(errors) != len(deliveries):
+                    raise RuntimeError(f"batch handler answered {len(errors)} of {len(deliveries)} messages")
+            except Exception as exc:
+                logger.warning(
+                    "queue %s: a batch of %d failed (%s); handling each on its own",
+                    self.queue,
+                    len(deliveries),
+                    _describe(exc),
+                )
+            else:
+                return [
+                    self._judge(error, delivery) for error, delivery in zip(errors, deliveries, strict=True)
+                ]
+        return [self._run_handler(delivery) for delivery in deliveries]
+
+    def _conclude(self, item: _Ready, decision: Decision) -> Decision:
         if decision.outcome is Outcome.RETRY:
-            self._record_failure(key, attempts)
+            self._record_failure(item.key, item.attempts)
         else:
-            self._failures.pop(key, None)
-            if handled_transfer is not None:
-                self.reassembler.finish(handled_transfer)
+            self._failures.pop(item.key, None)
+            if item.transfer is not None:
+                self.reassembler.finish(item.transfer)
         return decision
 
     def _delivery(self, raw: RawDelivery, chunk: ChunkHeader | None, attempts: int) -> Delivery | None:
@@ -171,15 +241,23 @@ class DeliveryProcessor:
             **body,
         )
 
-    def _run_handler(self, delivery: Delivery, attempts: int) -> Decision:
+    def _run_handler(self, delivery: Delivery) -> Decision:
         try:
             self.handler(delivery)
-        except (DecodeError, PoisonMessageError) as exc:
-            logger.warning("queue %s: message %s is poison: %s", self.queue, delivery.message_id, exc)
-            return Decision(Outcome.DEAD_LETTER, _describe(exc), attempts)
         except Exception as exc:
-            return self._failure(exc, attempts, delivery.message_id)
-        return Decision(Outcome.ACK, attempts=attempts)
+            return self._judge(exc, delivery)
+        return Decision(Outcome.ACK, attempts=delivery.attempts)
+
+    def _judge(self, error: BaseException | None, delivery: Delivery) -> Decision:
+        """The decision for a message whose handling ended with ``error`` (None: it succeeded)."""
+        if error is None:
+            return Decision(Outcome.ACK, attempts=delivery.attempts)
+        if isinstance(error, DecodeError | PoisonMessageError):
+            logger.warning("queue %s: message %s is poison: %s", self.queue, delivery.message_id, error)
+            return Decision(Outcome.DEAD_LETTER, _describe(error), delivery.attempts)
+        if not isinstance(error, Exception):
+            raise error
+        return self._failure(error, delivery.attempts, delivery.message_id)
 
     def _failure(self, exc: Exception, attempts: int, message_id: str | None) -> Decision:
         """Retry, or dead-letter once the message has had ``max_attempts``."""

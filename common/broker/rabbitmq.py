@@ -13,7 +13,7 @@ from common.broker.config import BrokerConfig
 from common.broker.connection import close_quietly, connect_with_retry
 from common.broker.consumer import Consumer
 from common.broker.message import OutgoingMessage
-from common.broker.processing import Handler
+from common.broker.processing import BatchHandler, Handler
 from common.broker.publisher import Publisher
 from common.broker.topology import DeclaredTopology, Topology, declare
 
@@ -65,9 +65,25 @@ class RabbitmqBroker(Broker):
     def publish(self, message: OutgoingMessage) -> None:
         self._publisher().publish(message)
 
-    def consumer(self, queue: str, handler: Handler, prefetch: int = 1) -> RabbitmqConsumer:
+    def consumer(
+        self,
+        queue: str,
+        handler: Handler,
+        prefetch: int = 1,
+        *,
+        batch_handler: BatchHandler | None = None,
+        max_batch: int = 1,
+    ) -> RabbitmqConsumer:
         return RabbitmqConsumer(
-            Consumer(self.config, queue, handler, prefetch=prefetch, name=f"{self.name}-consumer-{queue}")
+            Consumer(
+                self.config,
+                queue,
+                handler,
+                prefetch=prefetch,
+                name=f"{self.name}-consumer-{queue}",
+                batch_handler=batch_handler,
+                max_batch=max_batch,
+            )
         )
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from common.broker.chunks import Reassembler, split_body
 from common.broker.config import BrokerConfig
 from common.broker.message import BROKER_DELIVERY_COUNT_HEADER, OutgoingMessage
 from common.broker.processing import (
-    Decision,
+    BatchHandler,
     DeliveryProcessor,
     Handler,
     Outcome,
@@ -68,10 +68,11 @@ class _StubQueue:
 class StubConsumer(MessageConsumer):
     """A consumer registered with a :class:`StubBroker`; it receives messages in :meth:`StubBroker.drain`."""
 
-    def __init__(self, broker: StubBroker, queue: str, processor: DeliveryProcessor) -> None:
+    def __init__(self, broker: StubBroker, queue: str, processor: DeliveryProcessor, batch: int = 1) -> None:
         self.broker = broker
         self.queue = queue
         self.processor = processor
+        self.batch = batch  # deliveries handed over at once, like RabbitMQ's prefetch window
         self.active = False
 
     def start(self) -> None:
@@ -164,14 +165,24 @@ class StubBroker(Broker):
             raw = replace(base, body=bytes(data), headers={**base.headers, **chunk.to_headers()})
             self._put(message.exchange, message.routing_key, raw, message.mandatory)
 
-    def consumer(self, queue: str, handler: Handler, prefetch: int = 1) -> StubConsumer:
+    def consumer(
+        self,
+        queue: str,
+        handler: Handler,
+        prefetch: int = 1,
+        *,
+        batch_handler: BatchHandler | None = None,
+        max_batch: int = 1,
+    ) -> StubConsumer:
         if queue not in self.queues:
             raise BrokerChannelClosedError(f"no queue {queue!r}", 404, "NOT_FOUND")
         reassembler = Reassembler(
             self.config.transfers_dir(queue), self.config.max_transfer_size, fsync=False
         )
-        processor = DeliveryProcessor(queue, handler, reassembler, self.config.max_delivery_attempts)
-        consumer = StubConsumer(self, queue, processor)
+        processor = DeliveryProcessor(
+            queue, handler, reassembler, self.config.max_delivery_attempts, batch_handler=batch_handler
+        )
+        consumer = StubConsumer(self, queue, processor, max(1, min(prefetch, max_batch)))
         self.queues[queue].consumer = consumer
         return consumer
 
@@ -181,20 +192,30 @@ class StubBroker(Broker):
             logger.error("stub: dead-letter of %s has no queue; dropped", queue)
         self._put(DEAD_LETTER_EXCHANGE, queue, copy, mandatory=False)
 
-    def _deliver_one(self, stub_queue: _StubQueue, consumer: StubConsumer) -> None:
-        raw = stub_queue.messages.popleft()
+    def _deliver_batch(self, stub_queue: _StubQueue, consumer: StubConsumer) -> int:
+        """Hand up to ``consumer.batch`` messages to the consumer at once; return how many left the queue."""
         spec = stub_queue.spec
-        count = raw.headers.get(BROKER_DELIVERY_COUNT_HEADER, 0)
-        if spec.quorum and spec.delivery_limit is not None and count > spec.delivery_limit:
-            headers = {**raw.headers, "x-death": [{"reason": "delivery_limit", "queue": spec.name}]}
-            self._dead_letter(spec.name, raw, headers)
-            return
-        decision: Decision = consumer.processor.process(raw)
-        if decision.outcome is Outcome.RETRY:
-            headers = {**raw.headers, BROKER_DELIVERY_COUNT_HEADER: count + 1}
-            stub_queue.messages.appendleft(replace(raw, headers=headers, redelivered=True))
-        elif decision.outcome is Outcome.DEAD_LETTER:
-            self._dead_letter(spec.name, raw, dead_letter_headers(raw, spec.name, decision))
+        taken: list[RawDelivery] = []
+        popped = 0
+        while stub_queue.messages and len(taken) < consumer.batch:
+            raw = stub_queue.messages.popleft()
+            popped += 1
+            count = raw.headers.get(BROKER_DELIVERY_COUNT_HEADER, 0)
+            if spec.quorum and spec.delivery_limit is not None and count > spec.delivery_limit:
+                headers = {**raw.headers, "x-death": [{"reason": "delivery_limit", "queue": spec.name}]}
+                self._dead_letter(spec.name, raw, headers)
+                continue
+            taken.append(raw)
+        retries: list[RawDelivery] = []
+        for raw, decision in zip(taken, consumer.processor.process_batch(taken), strict=True):
+            if decision.outcome is Outcome.RETRY:
+                count = raw.headers.get(BROKER_DELIVERY_COUNT_HEADER, 0)
+                headers = {**raw.headers, BROKER_DELIVERY_COUNT_HEADER: count + 1}
+                retries.append(replace(raw, headers=headers, redelivered=True))
+            elif decision.outcome is Outcome.DEAD_LETTER:
+                self._dead_letter(spec.name, raw, dead_letter_headers(raw, spec.name, decision))
+        stub_queue.messages.extendleft(reversed(retries))
+        return popped
 
     def drain(self, *queues: str, max_deliveries: int = 100_000) -> int:
         """Deliver to active consumers until their queues (all, or ``queues``) are empty; return how many."""
@@ -210,8 +231,7 @@ class StubBroker(Broker):
                 break
             for stub_queue in ready:
                 assert stub_queue.consumer is not None
-                self._deliver_one(stub_queue, stub_queue.consumer)
-                delivered += 1
+                delivered += self._deliver_batch(stub_queue, stub_queue.consumer)
         return delivered
 
     def close(self) -> None:

@@ -206,3 +206,82 @@ def test_a_stub_without_a_spill_dir_cleans_up_after_itself():
     stub.close()
 
     assert not spill_dir.exists()
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+class _BatchRecorder:
+    """A batch handler that fails the bodies in ``poison`` (dead-letter) or ``flaky`` (retry), and
+    raises as a whole while ``broken`` is set; ``handler`` is its single-message counterpart."""
+
+    def __init__(self, poison=(), flaky=(), broken=False):
+        self.poison, self.flaky, self.broken = set(poison), set(flaky), broken
+        self.batches: list[list[bytes]] = []
+        self.singles: list[bytes] = []
+        self.done: list[bytes] = []
+
+    def _one(self, body):
+        if body in self.poison:
+            return PoisonMessageError(f"{body!r} is poison")
+        if body in self.flaky:
+            self.flaky.discard(body)
+            return RuntimeError("try again")
+        self.done.append(body)
+        return None
+
+    def batch(self, deliveries):
+        bodies = [bytes(d.body) for d in deliveries]
+        self.batches.append(bodies)
+        if self.broken:
+            raise RuntimeError("the transaction failed")
+        return [self._one(b) for b in bodies]
+
+    def handler(self, delivery):
+        body = bytes(delivery.body)
+        self.singles.append(body)
+        if (error := self._one(body)) is not None:
+            raise error
+
+
+def test_a_batch_handler_gets_the_waiting_messages_together_and_each_gets_its_own_outcome(broker):
+    recorder = _BatchRecorder(poison={b"m2"}, flaky={b"m4"})
+    broker.consumer(QUEUE, recorder.handler, prefetch=8, batch_handler=recorder.batch, max_batch=8).start()
+    for i in range(6):
+        broker.publish(OutgoingMessage("work", "job", f"m{i}".encode()))
+
+    broker.drain()
+
+    assert recorder.batches[0] == [f"m{i}".encode() for i in range(6)]
+    assert sorted(recorder.done) == [b"m0", b"m1", b"m3", b"m4", b"m5"]  # m4 on its second delivery
+    assert recorder.done.count(b"m4") == 1
+    (dead,) = broker.messages(DLQ)
+    assert dead.body == b"m2" and "poison" in dead.headers[REASON_HEADER]
+
+
+def test_a_batch_that_fails_as_a_whole_is_handled_one_message_at_a_time(broker):
+    recorder = _BatchRecorder(poison={b"bad"}, broken=True)
+    broker.consumer(QUEUE, recorder.handler, prefetch=4, batch_handler=recorder.batch, max_batch=4).start()
+    for body in (b"a", b"bad", b"c"):
+        broker.publish(OutgoingMessage("work", "job", body))
+
+    broker.drain()
+
+    assert recorder.batches == [[b"a", b"bad", b"c"]]
+    assert recorder.singles == [b"a", b"bad", b"c"]
+    assert recorder.done == [b"a", b"c"]
+    assert [m.body for m in broker.messages(DLQ)] == [b"bad"]
+
+
+def test_a_chunked_transfer_completes_inside_a_batch(broker):
+    recorder = _BatchRecorder()
+    broker.consumer(QUEUE, recorder.handler, prefetch=16, batch_handler=recorder.batch, max_batch=16).start()
+    big = os.urandom(3000)  # three chunks of at most 1024 bytes
+    broker.publish(OutgoingMessage("work", "job", b"small"))
+    broker.publish(OutgoingMessage("work", "job", big))
+
+    broker.drain()
+
+    assert recorder.batches == [[b"small", big]]
+    assert recorder.done == [b"small", big]
+    assert not broker.messages(DLQ)
