@@ -13,7 +13,6 @@ ever unpickled or executed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import types
 import typing
@@ -59,16 +58,23 @@ class Message:
         return head + payload if payload else head
 
 
-@functools.cache
-def _schema(cls: type[Message]) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+_Schema = tuple[dict[str, Any], frozenset[str], frozenset[str]]
+_SCHEMAS: dict[str, _Schema] = {}
+
+
+def _schema(cls: type[Message]) -> _Schema:
     """(type hints, declared fields, fields without a default) of a message class, computed once."""
+    if cls.TYPE in _SCHEMAS:
+        return _SCHEMAS[cls.TYPE]
     fields = [f for f in dataclasses.fields(cls) if f.name != "payload"]
     required = {
         f.name
         for f in fields
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
-    return typing.get_type_hints(cls), frozenset(f.name for f in fields), frozenset(required)
+    schema = typing.get_type_hints(cls), frozenset(f.name for f in fields), frozenset(required)
+    _SCHEMAS[cls.TYPE] = schema
+    return schema
 
 
 def decode(body: bytes | bytearray | memoryview, expected: type[M] | None = None) -> M:
