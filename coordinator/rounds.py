@@ -25,8 +25,8 @@ import math
 import random
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import func, select, update
@@ -36,7 +36,7 @@ from common import codec
 from common.broker.topology import RELEASES_EXCHANGE, TASKS_EXCHANGE
 from common.errors import ConfigError, DecodeError, NotFoundError
 from common.messages import CancelRun, DeltaReport, StartRun, TaskFailed, TrainTask
-from coordinator.db.blobs import read_blob, write_blob
+from coordinator.db.blobs import read_blob, write_blob, write_blobs
 from coordinator.db.engine import Database
 from coordinator.db.models import Delta, Model, ModelVersion, OutboxMessage, Round, Run, Task, Worker
 from coordinator.registry import ModelRegistry
@@ -74,6 +74,95 @@ def release_outbox_row(model: str, version: int) -> OutboxMessage:
         headers={RELEASE_HEADER: [model, version]},
         body=None,
     )
+
+
+_Row = TypeVar("_Row", Round, Worker, ModelVersion)
+
+
+@dataclass
+class _Intake:
+    """One transaction's worth of deltas: rows they share, looked up once, and what they add.
+
+    Reads made here never see the rows added in the same transaction (the session does not flush
+    until the end), so what the deltas change is tracked beside them: ``answered`` (tasks that have
+    a delta row) and the accepted count of each async buffer.
+    """
+
+    session: Session
+    tasks: dict[str, Task]
+    answered: set[str]
+    full_buffer: int | None = None  # an async round whose buffer the last delta filled
+    _rows: dict[tuple[type, int], object] = field(default_factory=dict)
+    _runs: dict[str, Run | None] = field(default_factory=dict)
+    _buffers: dict[str, Round | None] = field(default_factory=dict)
+    _counts: dict[int, int] = field(default_factory=dict)
+    _accepted: list[tuple[Delta, memoryview]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, session: Session, task_ids: Sequence[str]) -> _Intake:
+        tasks: dict[str, Task] = {}
+        answered: set[str] = set()
+        unique = sorted(set(task_ids))
+        for i in range(0, len(unique), 500):
+            part = unique[i : i + 500]
+            tasks.update((t.task_id, t) for t in session.scalars(select(Task).where(Task.task_id.in_(part))))
+            answered.update(
+                t for t in session.scalars(select(Delta.task_id).where(Delta.task_id.in_(part))) if t
+            )
+        return cls(session, tasks, answered)
+
+    def get(self, entity: type[_Row], pk: int) -> _Row | None:
+        """``session.get``, holding the row for the whole transaction (the session's identity map
+        holds rows weakly: without this, each delta would load the same round, worker and version)."""
+        key = (entity, pk)
+        if key not in self._rows:
+            self._rows[key] = self.session.get(entity, pk)
+        return self._rows[key]  # type: ignore[return-value]
+
+    def run(self, run_id: str | None) -> Run | None:
+        if run_id is None:
+            return None
+        if run_id not in self._runs:
+            self._runs[run_id] = self.session.scalar(select(Run).where(Run.run_id == run_id))
+        return self._runs[run_id]
+
+    def open_buffer(self, run_id: str) -> Round | None:
+        """The open round of an async run: the buffer its deltas go to."""
+        if run_id not in self._buffers:
+            self._buffers[run_id] = self.session.scalar(
+                select(Round)
+                .where(Round.run_id == run_id, Round.state == ROUND_OPEN)
+                .order_by(Round.number.desc())
+            )
+        return self._buffers[run_id]
+
+    def count_in_buffer(self, round_: Round) -> int:
+        """Accepted deltas of ``round_``, counting those of this transaction."""
+        if round_.id not in self._counts:
+            self._counts[round_.id] = (
+                self.session.scalar(
+                    select(func.count()).where(Delta.round_id == round_.id, Delta.status == DELTA_ACCEPTED)
+                )
+                or 0
+            )
+            self._counts[round_.id] += sum(1 for row, _ in self._accepted if row.round_id == round_.id)
+        return self._counts[round_.id]
+
+    def accept(self, row: Delta, weights: memoryview | bytes) -> None:
+        """Add an accepted delta; its weights are written with the others by :meth:`store_weights`."""
+        self.session.add(row)
+        self._accepted.append((row, memoryview(weights)))
+        if row.task_id is not None:
+            self.answered.add(row.task_id)
+        if row.round_id in self._counts:
+            self._counts[row.round_id] += 1
+
+    def store_weights(self) -> None:
+        """Write the accepted deltas' weights (a few statements for all) and link them to their rows."""
+        if self._accepted:
+            ids = write_blobs(self.session, [weights for _, weights in self._accepted])
+            for (row, _), blob_id in zip(self._accepted, ids, strict=True):
+                row.weights_blob_id = blob_id
 
 
 class RoundEngine:
@@ -285,50 +374,75 @@ class RoundEngine:
 
     def record_delta(self, report: DeltaReport, user_id: str | None) -> DeltaOutcome:
         """Validate and store one delta (see the module docstring); never raises for bad deltas."""
-        with self.db.session(write=True) as session:
-            task = session.scalar(select(Task).where(Task.task_id == report.task_id))
-            if task is not None and session.scalar(select(Delta.id).where(Delta.task_id == task.task_id)):
-                return DeltaOutcome("duplicate", "this task's delta was already received", task.round_id)
-            staleness = 0
-            try:
-                run = self._run_of(session, task)
-                if run is not None and task is not None and run.mode == "async":
-                    round_, worker, staleness = self._check_async_report(session, report, task, run, user_id)
-                else:
-                    round_, worker = self._check_report(session, report, task, user_id)
-                assert task is not None
-                base_weights = self._base_weights(session, round_)
-                limits = codec.CodecLimits(
-                    max_total_bytes=codec.weights_nbytes(base_weights) + 1024,
-                    max_arrays=len(base_weights),
-                )
-                try:
-                    delta = codec.decode_weights(report.payload, limits=limits)
-                except DecodeError as exc:
-                    raise DeltaRejectedError(f"weights do not decode: {exc}") from exc
-                norm = validate_delta(delta, base_weights, report.sample_count, self._policy(run))
-            except DeltaRejectedError as exc:
-                self._store_rejected(session, report, task, exc.reason, user_id)
-                logger.warning("delta for task %s rejected: %s", report.task_id, exc.reason)
-                return DeltaOutcome("rejected", exc.reason, task.round_id if task else None)
-            blob = write_blob(session, report.payload)
-            session.add(
-                Delta(
-                    task_id=task.task_id,
-                    round_id=round_.id,
-                    worker_id=worker.id,
-                    worker_name=worker.name,
-                    base_version_id=self._task_base_id(session, task),
-                    weights_blob_id=blob.id,
-                    sample_count=report.sample_count,
-                    norm=norm,
-                    status=DELTA_ACCEPTED,
-                    metrics={**report.metrics, "staleness": staleness},
-                )
+        return self.record_deltas([(report, user_id)])[0]
+
+    def record_deltas(self, items: Sequence[tuple[DeltaReport, str | None]]) -> list[DeltaOutcome]:
+        """Validate and store deltas (each with the broker user that sent it), in one transaction.
+
+        The outcome of each is what :meth:`record_delta` would have given had they come one at a
+        time, in order: an asynchronous delta that fills its run's buffer ends the transaction, the
+        buffer is aggregated (:meth:`advance`), and the deltas after it go to the next buffer. Raises
+        only when the transaction itself fails; then none of them was recorded.
+        """
+        outcomes: list[DeltaOutcome] = []
+        while len(outcomes) < len(items):
+            rest = items[len(outcomes) :]
+            with self.db.session(write=True) as session, session.no_autoflush:
+                intake = _Intake.load(session, [report.task_id for report, _ in rest])
+                for report, user_id in rest:
+                    outcomes.append(self._record_one(intake, report, user_id))
+                    if intake.full_buffer is not None:
+                        break
+                intake.store_weights()
+            if intake.full_buffer is not None:
+                self.advance(intake.full_buffer)
+        return outcomes
+
+    def _record_one(self, intake: _Intake, report: DeltaReport, user_id: str | None) -> DeltaOutcome:
+        session = intake.session
+        task = intake.tasks.get(report.task_id)
+        if task is not None and task.task_id in intake.answered:
+            return DeltaOutcome("duplicate", "this task's delta was already received", task.round_id)
+        staleness = 0
+        try:
+            run = self._run_of(intake, task)
+            if run is not None and task is not None and run.mode == "async":
+                round_, worker, staleness = self._check_async_report(intake, report, task, run, user_id)
+            else:
+                round_, worker = self._check_report(intake, report, task, user_id)
+            assert task is not None
+            base_weights = self._base_weights(session, round_)
+            limits = codec.CodecLimits(
+                max_total_bytes=codec.weights_nbytes(base_weights) + 1024,
+                max_arrays=len(base_weights),
             )
-            task.state, task.done_at = TASK_DONE, self.clock()
-            worker.last_seen_at = self.clock()
-            return DeltaOutcome("accepted", round_id=round_.id)
+            try:
+                delta = codec.decode_weights(report.payload, limits=limits)
+            except DecodeError as exc:
+                raise DeltaRejectedError(f"weights do not decode: {exc}") from exc
+            norm = validate_delta(delta, base_weights, report.sample_count, self._policy(run))
+        except DeltaRejectedError as exc:
+            if self._store_rejected(intake, report, task, exc.reason, user_id) and task is not None:
+                intake.answered.add(task.task_id)
+            logger.warning("delta for task %s rejected: %s", report.task_id, exc.reason)
+            return DeltaOutcome("rejected", exc.reason, task.round_id if task else None)
+        row = Delta(
+            task_id=task.task_id,
+            round_id=round_.id,
+            worker_id=worker.id,
+            worker_name=worker.name,
+            base_version_id=self._task_base_id(intake, task),
+            sample_count=report.sample_count,
+            norm=norm,
+            status=DELTA_ACCEPTED,
+            metrics={**report.metrics, "staleness": staleness},
+        )
+        intake.accept(row, report.payload)
+        task.state, task.done_at = TASK_DONE, self.clock()
+        worker.last_seen_at = self.clock()
+        if run is not None and run.mode == "async" and intake.count_in_buffer(round_) >= round_.quorum:
+            intake.full_buffer = round_.id
+        return DeltaOutcome("accepted", round_id=round_.id)
 
     def _policy(self, run: Run | None) -> DeltaPolicy:
         """The coordinator's delta bounds, tightened by the run's own."""
@@ -339,20 +453,20 @@ class RoundEngine:
         return DeltaPolicy(max_norm=max_norm, max_sample_count=max_samples)
 
     @staticmethod
-    def _run_of(session: Session, task: Task | None) -> Run | None:
+    def _run_of(intake: _Intake, task: Task | None) -> Run | None:
         if task is None:
             return None
-        round_ = session.get(Round, task.round_id)
-        return session.scalar(select(Run).where(Run.run_id == round_.run_id)) if round_ is not None else None
+        round_ = intake.get(Round, task.round_id)
+        return intake.run(round_.run_id) if round_ is not None else None
 
     @staticmethod
-    def _task_base_id(session: Session, task: Task) -> int:
-        round_ = session.get(Round, task.round_id)
+    def _task_base_id(intake: _Intake, task: Task) -> int:
+        round_ = intake.get(Round, task.round_id)
         assert round_ is not None
         return round_.base_version_id
 
-    def _check_worker(self, session: Session, report: DeltaReport, task: Task, user_id: str | None) -> Worker:
-        worker = session.get(Worker, task.worker_id) if task.worker_id is not None else None
+    def _check_worker(self, intake: _Intake, report: DeltaReport, task: Task, user_id: str | None) -> Worker:
+        worker = intake.get(Worker, task.worker_id) if task.worker_id is not None else None
         if worker is None or worker.status != "active":
             raise DeltaRejectedError(f"task {report.task_id} has no active worker")
         if report.worker != worker.name:
@@ -362,21 +476,17 @@ class RoundEngine:
         return worker
 
     def _check_async_report(
-        self, session: Session, report: DeltaReport, task: Task, run: Run, user_id: str | None
+        self, intake: _Intake, report: DeltaReport, task: Task, run: Run, user_id: str | None
     ) -> tuple[Round, Worker, int]:
         """An async delta counts in the run's open buffer if it is at most ``max_staleness`` behind."""
-        worker = self._check_worker(session, report, task, user_id)
+        worker = self._check_worker(intake, report, task, user_id)
         if run.state != RUN_RUNNING:
             raise DeltaRejectedError(f"run {run.run_id} is {run.state}")
-        current = session.scalar(
-            select(Round)
-            .where(Round.run_id == run.run_id, Round.state == ROUND_OPEN)
-            .order_by(Round.number.desc())
-        )
+        current = intake.open_buffer(run.run_id)
         if current is None:
             raise DeltaRejectedError(f"run {run.run_id} has no open buffer")
-        task_base = session.get(ModelVersion, self._task_base_id(session, task))
-        current_base = session.get(ModelVersion, current.base_version_id)
+        task_base = intake.get(ModelVersion, self._task_base_id(intake, task))
+        current_base = intake.get(ModelVersion, current.base_version_id)
         assert task_base is not None and current_base is not None
         if report.base_version != task_base.version or report.base_weights_sha256 != task_base.weights_sha256:
             raise DeltaRejectedError(
@@ -390,17 +500,17 @@ class RoundEngine:
         return current, worker, staleness
 
     def _check_report(
-        self, session: Session, report: DeltaReport, task: Task | None, user_id: str | None
+        self, intake: _Intake, report: DeltaReport, task: Task | None, user_id: str | None
     ) -> tuple[Round, Worker]:
         if task is None:
             raise DeltaRejectedError(f"unknown task {report.task_id!r}")
-        worker = self._check_worker(session, report, task, user_id)
-        round_ = session.get(Round, task.round_id)
+        worker = self._check_worker(intake, report, task, user_id)
+        round_ = intake.get(Round, task.round_id)
         if round_ is None or round_.id != report.round_id:
             raise DeltaRejectedError(f"task {report.task_id} is not part of round {report.round_id}")
         if round_.state != ROUND_OPEN:
             raise DeltaRejectedError(f"round {round_.id} is {round_.state}")
-        base = session.get(ModelVersion, round_.base_version_id)
+        base = intake.get(ModelVersion, round_.base_version_id)
         assert base is not None
         if report.base_version != base.version or report.base_weights_sha256 != base.weights_sha256:
             raise DeltaRejectedError(
@@ -409,14 +519,15 @@ class RoundEngine:
         return round_, worker
 
     def _store_rejected(
-        self, session: Session, report: DeltaReport, task: Task | None, reason: str, user_id: str | None
-    ) -> None:
+        self, intake: _Intake, report: DeltaReport, task: Task | None, reason: str, user_id: str | None
+    ) -> bool:
+        """Record a rejected delta; True when the row answers its task (its own worker sent it)."""
         # A task keeps at most one delta row, so a rejected delta answers its task only when the task's
         # own worker sent it: anyone else's (a spoofed or misrouted report) is recorded beside the round
         # without blocking the real worker's delta.
-        worker = session.get(Worker, task.worker_id) if task is not None and task.worker_id else None
+        worker = intake.get(Worker, task.worker_id) if task is not None and task.worker_id else None
         own = task is not None and worker is not None and user_id == worker.name
-        session.add(
+        intake.session.add(
             Delta(
                 task_id=task.task_id if task and own else None,
                 round_id=task.round_id if task else None,
@@ -429,6 +540,7 @@ class RoundEngine:
         )
         if own and task is not None and task.state == TASK_PENDING:
             task.state, task.done_at = TASK_FAILED, self.clock()
+        return own
 
     def record_failure(self, msg: TaskFailed, user_id: str | None) -> bool:
         """A worker could not do its task: the task counts as answered (without a delta)."""

@@ -4,8 +4,9 @@ Threads (pika rule: one connection per thread; the broker layer gives each consu
 
 - control consumer (single-active): StartRun, CancelRun — an invalid submission is dead-lettered
   with its reason, never retried forever;
-- results consumer (single-active): DeltaReport, TaskFailed, Heartbeat — each recorded in one
-  transaction, acked only after it committed (the broker layer acks when the handler returns);
+- results consumer (single-active): DeltaReport, TaskFailed, Heartbeat — recorded in SQL and acked
+  only after the commit (the broker layer acks when the handler returns). The deltas the consumer
+  holds at once (prefetch :data:`RESULTS_PREFETCH`) are committed in one transaction;
 - fetch consumer (single-active): FetchModel requests, answered with the signed release;
 - the outbox relay, and a ticker that advances rounds whose deadline passed.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 from sqlalchemy import select
 
@@ -46,6 +48,10 @@ from coordinator.registry import ModelRegistry
 from coordinator.rounds import RoundEngine, utcnow
 
 logger = logging.getLogger(__name__)
+
+# Results in flight to the coordinator at once, and so the largest group committed together. Large
+# deltas arrive in chunks (4 MiB by default): the consumer also caps a batch at about 16 MiB.
+RESULTS_PREFETCH = 64
 
 
 class Coordinator:
@@ -103,28 +109,57 @@ class Coordinator:
         self.relay.wake()
 
     def on_result(self, delivery: Delivery) -> None:
-        message: Message = decode(delivery.body)
-        if isinstance(message, DeltaReport):
-            outcome = self.engine.record_delta(message, delivery.user_id)
-            logger.info("delta for task %s: %s %s", message.task_id, outcome.status, outcome.reason)
-            if outcome.status == "accepted":
-                fault_point("coordinator-after-delta-commit")
-            changed = self.engine.advance(outcome.round_id) if outcome.round_id is not None else None
-            if changed == "closed":
+        """One message of the results queue (the batch handler's single-message form)."""
+        (error,) = self.on_results([delivery])
+        if error is not None:
+            raise error
+
+    def on_results(self, deliveries: Sequence[Delivery]) -> list[Exception | None]:
+        """The messages of the results queue the consumer had in hand at once.
+
+        Their deltas are validated and committed in one transaction (group commit: one disk sync
+        for all of them), then their rounds are advanced; the broker layer acks each message only
+        after this returned. Other messages (task failures, job results, heartbeats) are handled
+        one by one. Returns, per message, the error that stops it (it is retried or
+        dead-lettered) or None. If the deltas' transaction fails this raises: nothing of it was
+        committed, and the broker layer handles each message again on its own.
+        """
+        errors: list[Exception | None] = [None] * len(deliveries)
+        reports: list[tuple[DeltaReport, str | None]] = []
+        for i, delivery in enumerate(deliveries):
+            try:
+                message: Message = decode(delivery.body)
+                if isinstance(message, DeltaReport):
+                    reports.append((message, delivery.user_id))
+                else:
+                    self._on_other_result(message, delivery.user_id)
+            except Exception as exc:
+                errors[i] = exc
+        if reports:
+            self._record_deltas(reports)
+        self.relay.wake()
+        return errors
+
+    def _record_deltas(self, reports: list[tuple[DeltaReport, str | None]]) -> None:
+        outcomes = self.engine.record_deltas(reports)
+        for (report, _), outcome in zip(reports, outcomes, strict=True):
+            logger.info("delta for task %s: %s %s", report.task_id, outcome.status, outcome.reason)
+        if any(outcome.status == "accepted" for outcome in outcomes):
+            fault_point("coordinator-after-delta-commit")
+        for round_id in dict.fromkeys(o.round_id for o in outcomes if o.round_id is not None):
+            if self.engine.advance(round_id) == "closed":
                 fault_point("coordinator-after-aggregation-commit")
-            if changed is not None:
-                self.relay.wake()  # the round's end wrote release and task messages
-            return
-        elif isinstance(message, TaskFailed):
-            if self.engine.record_failure(message, delivery.user_id):
+
+    def _on_other_result(self, message: Message, user_id: str | None) -> None:
+        if isinstance(message, TaskFailed):
+            if self.engine.record_failure(message, user_id):
                 self.tick()
         elif isinstance(message, JobResult):
-            jobs.record_result(self.db, message, delivery.user_id)
+            jobs.record_result(self.db, message, user_id)
         elif isinstance(message, Heartbeat):
-            self._heartbeat(message, delivery.user_id)
+            self._heartbeat(message, user_id)
         else:
             raise PoisonMessageError(f"{message.TYPE} does not belong on the results queue")
-        self.relay.wake()
 
     def _heartbeat(self, message: Heartbeat, user_id: str | None) -> None:
         if user_id != message.worker:
@@ -169,7 +204,13 @@ class Coordinator:
         self.broker.declare(fedmq_topology(workers))
         consumers = [
             self.broker.consumer(CONTROL_QUEUE, self.on_control, prefetch=1),
-            self.broker.consumer(RESULTS_QUEUE, self.on_result, prefetch=1),
+            self.broker.consumer(
+                RESULTS_QUEUE,
+                self.on_result,
+                prefetch=RESULTS_PREFETCH,
+                batch_handler=self.on_results,
+                max_batch=RESULTS_PREFETCH,
+            ),
             self.broker.consumer(FETCH_QUEUE, self.on_fetch, prefetch=1),
         ]
         relay = threading.Thread(target=self.relay.run, args=(stop,), name="fedmq-outbox", daemon=True)

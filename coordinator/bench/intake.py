@@ -9,11 +9,13 @@ measured). One valid :class:`~common.messages.DeltaReport` body is prepared per 
 Measured, on the same broker with the same bodies:
 
 - *raw*: the bodies published (confirm per message, the same publisher code the workers use) to a
-  plain quorum queue, then consumed by a bare pika consumer with the coordinator's settings
-  (prefetch 1, one ack per message).
+  plain quorum queue, then consumed by a bare pika consumer with the coordinator's settings for
+  its results queue (prefetch :data:`~coordinator.service.RESULTS_PREFETCH`, one ack per message)
+  that does nothing else.
 - *coordinator*: the bodies published by their workers (each with its own credentials, so the
   broker validates ``user_id``) to the results queue, then the coordinator process started: it
-  decodes, validates, commits each delta in SQL and acks it. Its rate comes from the delta rows'
+  decodes, validates and commits the deltas in SQL (the ones it holds at once in one transaction)
+  and acks each after the commit. Its rate comes from the delta rows'
   commit timestamps; the run waits until the results queue is empty (every delta acked).
 
 Rates are over first to last message, (n - 1) / elapsed. The headline ratio is coordinator intake
@@ -48,6 +50,7 @@ from coordinator.control import new_id
 from coordinator.db.models import Delta, ModelVersion, Round, Task, Worker
 from coordinator.registry import KeySigner, ModelRegistry
 from coordinator.rounds import RoundEngine
+from coordinator.service import RESULTS_PREFETCH
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class IntakeBenchResult:
     publish_ratio: float
     target: float
     target_met: bool
+    prefetch: int = RESULTS_PREFETCH  # the coordinator's results prefetch, and the raw consumer's
     load_average: float = 0.0  # 1-minute load average at the end: other work on the machine skews figures
 
 
@@ -154,7 +158,7 @@ def _raw_baseline(amqp_url: str, bodies: list[bytes]) -> tuple[float, float]:
         channel = connection.channel()
         channel.queue_declare(RAW_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
         publish_s = _publish(amqp_url, "", RAW_QUEUE, bodies, "fedmq-bench-raw")
-        channel.basic_qos(prefetch_count=1)
+        channel.basic_qos(prefetch_count=RESULTS_PREFETCH)
         stamps: list[float] = []
 
         def on_message(ch: object, method: pika.spec.Basic.Deliver, props: object, body: bytes) -> None:

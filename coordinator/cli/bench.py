@@ -144,7 +144,11 @@ def _intake_rows(r: IntakeBenchResult) -> list[tuple[str, str, str]]:
     return [
         ("deltas", f"{r.deltas} x {r.body_bytes} bytes", f"from {r.workers} workers"),
         ("raw publish", f"{r.raw_publish_per_s:.0f} msg/s", "confirm per message"),
-        ("raw consume", f"{r.raw_consume_per_s:.0f} msg/s", "baseline: bare pika, prefetch 1, ack each"),
+        (
+            "raw consume",
+            f"{r.raw_consume_per_s:.0f} msg/s",
+            f"baseline: bare pika, prefetch {r.prefetch}, ack each",
+        ),
         ("workers publish", f"{r.worker_publish_per_s:.0f} msg/s", "per worker, own credentials"),
         ("coordinator intake", f"{r.coordinator_per_s:.0f} deltas/s", "validated, committed, acked"),
         ("intake / raw consume", f"{r.ratio:.2f}x", _target(r.target_met, r.ratio, r.target)),

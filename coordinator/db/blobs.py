@@ -20,7 +20,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from common.errors import NotFoundError, StorageError
-from coordinator.db.models import Blob, BlobChunk
+from coordinator.db.models import Blob, BlobChunk, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,56 @@ def write_blob(session: Session, data: Buffer | Sequence[Buffer]) -> Blob:
         if isinstance(data, bytes | bytearray | memoryview)
         else [memoryview(part).cast("B") for part in data]
     )
+    blob = Blob(sha256=_sha256(parts), size=sum(len(p) for p in parts), chunk_size=CHUNK_SIZE)
+    session.add(blob)
+    session.flush()
+    seq = _write_chunks(session, blob.id, parts, blob.size)
+    logger.debug("stored blob %d: %d bytes in %d chunks", blob.id, blob.size, seq)
+    return blob
+
+
+def write_blobs(session: Session, datas: Sequence[Buffer]) -> list[int]:
+    """Store each of ``datas`` as a new blob; return their ids, in order.
+
+    Made for many small buffers (e.g. the deltas of a batch): their rows and chunks go in with one
+    multi-row statement each, and the session is not flushed, so ORM rows added before keep their
+    own batched flush. Buffers larger than a chunk are streamed in chunks as :func:`write_blob` does.
+    """
+    views = [memoryview(data).cast("B") for data in datas]
+    now = utcnow()
+    rows = [
+        {"sha256": _sha256([view]), "size": len(view), "chunk_size": CHUNK_SIZE, "created_at": now}
+        for view in views
+    ]
+    if not rows:
+        return []
+    result = session.execute(insert(Blob).returning(Blob.id, sort_by_parameter_order=True), rows)
+    ids = list(result.scalars())
+    small = [
+        {"blob_id": i, "seq": 0, "data": bytes(v)}
+        for i, v in zip(ids, views, strict=True)
+        if 0 < len(v) <= CHUNK_SIZE
+    ]
+    if small:
+        session.connection().execute(insert(BlobChunk.__table__), small)  # type: ignore[arg-type]
+    for blob_id, view in zip(ids, views, strict=True):
+        if len(view) > CHUNK_SIZE:
+            _write_chunks(session, blob_id, [view], len(view))
+    return ids
+
+
+def _sha256(parts: Sequence[memoryview]) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
-    blob = Blob(sha256=digest.hexdigest(), size=sum(len(p) for p in parts), chunk_size=CHUNK_SIZE)
-    session.add(blob)
-    session.flush()
+    return digest.hexdigest()
+
+
+def _write_chunks(session: Session, blob_id: int, parts: Sequence[memoryview], size: int) -> int:
+    """Cut ``parts`` into chunks of blob ``blob_id`` through one staging buffer; return the count."""
     conn = session.connection()
     insert_chunk = insert(BlobChunk.__table__)  # type: ignore[arg-type]
-    staging = bytearray(min(CHUNK_SIZE, blob.size))
+    staging = bytearray(min(CHUNK_SIZE, size))
     filled = seq = 0
     # One INSERT per chunk: a batched executemany would make the driver copy every chunk at once.
     for part in parts:
@@ -61,13 +102,12 @@ def write_blob(session: Session, data: Buffer | Sequence[Buffer]) -> Blob:
             filled += take
             position += take
             if filled == CHUNK_SIZE:
-                conn.execute(insert_chunk, {"blob_id": blob.id, "seq": seq, "data": bytes(staging)})
+                conn.execute(insert_chunk, {"blob_id": blob_id, "seq": seq, "data": bytes(staging)})
                 filled, seq = 0, seq + 1
     if filled:
-        conn.execute(insert_chunk, {"blob_id": blob.id, "seq": seq, "data": bytes(staging[:filled])})
+        conn.execute(insert_chunk, {"blob_id": blob_id, "seq": seq, "data": bytes(staging[:filled])})
         seq += 1
-    logger.debug("stored blob %d: %d bytes in %d chunks", blob.id, blob.size, seq)
-    return blob
+    return seq
 
 
 def read_blob(session: Session, blob_id: int) -> memoryview:

@@ -15,7 +15,7 @@ from common.model.bundle import split_model
 from common.model.numpy_model import make_linear_model
 from common.settings import Settings
 from coordinator.db import Database, upgrade
-from coordinator.db.models import OutboxMessage, Run, Task, Worker
+from coordinator.db.models import Delta, ModelVersion, OutboxMessage, Run, Task, Worker
 from coordinator.registry import KeySigner, ModelRegistry
 from coordinator.rounds import RoundEngine
 from coordinator.strategies import get_strategy
@@ -152,3 +152,54 @@ def test_a_runs_norm_bound_and_sample_cap_reject_deltas_with_their_reason(engine
     assert [o.status for o in outcomes] == ["rejected", "rejected"]
     assert "L2 norm" in outcomes[0].reason and "exceeds the bound 1" in outcomes[0].reason
     assert "sample count 9 exceeds the cap of 8" in outcomes[1].reason
+
+
+def test_async_deltas_committed_together_fill_one_buffer_at_a_time(engine):
+    # Prepare: five workers train continuously for an async run with buffers of two deltas.
+    engine, registry = engine
+    with engine.db.session(write=True) as s:
+        s.add_all([Worker(name=n, status="active") for n in ("c", "d", "e")])
+    engine.start_run(
+        StartRun(
+            run_id="a", model="m", rounds=3, min_workers=2, deadline_s=60.0, mode="async", max_staleness=5
+        )
+    )
+    tasks = pending_tasks(engine)
+    assert len(tasks) == 5
+    with engine.db.session() as s:
+        owner = {
+            t.task_id: s.scalar(
+                select(Worker.name).join(Task, Task.worker_id == Worker.id).where(Task.task_id == t.task_id)
+            )
+            for t in tasks
+        }
+    base = registry.weights("m", 1)
+    items = [
+        (
+            DeltaReport(
+                task_id=t.task_id,
+                round_id=t.round_id,
+                worker=owner[t.task_id],
+                model="m",
+                base_version=1,
+                base_weights_sha256=t.weights_sha256,
+                sample_count=10,
+                payload=codec.encode_weights([np.full_like(w, 0.1) for w in base]),
+            ),
+            owner[t.task_id],
+        )
+        for t in tasks
+    ]
+
+    # Execute: all five deltas arrive in one batch (one group commit), as the consumer hands them over.
+    outcomes = engine.record_deltas(items)
+
+    # Verify: as if they had come one at a time: two per buffer, versions 2 and 3 aggregated, the
+    # fifth waiting in the third buffer with staleness 2 (its task trained version 1).
+    assert [o.status for o in outcomes] == ["accepted"] * 5
+    with engine.db.session() as s:
+        versions = {v.version: v for v in s.scalars(select(ModelVersion))}
+        assert sorted(versions) == [1, 2, 3]
+        assert versions[2].metrics["deltas"] == 2 and versions[3].metrics["deltas"] == 2
+        waiting = list(s.scalars(select(Delta).where(Delta.status == "accepted")))
+    assert len(waiting) == 1 and waiting[0].metrics["staleness"] == 2

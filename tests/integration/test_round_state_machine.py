@@ -8,9 +8,11 @@ version or still pending; none counts twice; no version is half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -28,7 +30,7 @@ from common.settings import Settings
 from coordinator.db import Database, upgrade
 from coordinator.db.models import Delta, ModelVersion, OutboxMessage, Round, Task, Worker
 from coordinator.registry import KeySigner, ModelRegistry
-from coordinator.rounds import RoundEngine, utcnow
+from coordinator.rounds import RoundEngine, _Intake, utcnow
 
 pytestmark = pytest.mark.integration
 WORKERS = ("a", "b", "c")
@@ -91,13 +93,9 @@ class RoundMachine(RuleBasedStateMachine):
             StartRun(run_id=f"r{self.runs}", model="m", rounds=rounds, min_workers=2, deadline_s=60.0)
         )
 
-    @rule(worker=st.sampled_from(WORKERS), value=st.floats(-1, 1), twice=st.booleans())
-    def deliver(self, worker: str, value: float, twice: bool) -> None:
-        task = self._pending(worker)
-        if task is None:
-            return
+    def _report(self, task: TrainTask, worker: str, value: float) -> DeltaReport:
         base = self.registry.weights("m", task.version)
-        report = DeltaReport(
+        return DeltaReport(
             task_id=task.task_id,
             round_id=task.round_id,
             worker=worker,
@@ -107,12 +105,59 @@ class RoundMachine(RuleBasedStateMachine):
             sample_count=5,
             payload=codec.encode_weights([np.full_like(w, value) for w in base]),
         )
+
+    def _round_open(self, round_id: int) -> bool:
         with self.db.session() as s:
-            round_open = s.scalar(select(Round.state).where(Round.id == task.round_id)) == "open"
+            return s.scalar(select(Round.state).where(Round.id == round_id)) == "open"
+
+    @rule(worker=st.sampled_from(WORKERS), value=st.floats(-1, 1), twice=st.booleans())
+    def deliver(self, worker: str, value: float, twice: bool) -> None:
+        task = self._pending(worker)
+        if task is None:
+            return
+        report = self._report(task, worker, value)
+        round_open = self._round_open(task.round_id)
         first = self.engine.record_delta(report, worker)
         assert first.status == ("accepted" if round_open else "rejected"), first
         if twice:
             assert self.engine.record_delta(report, worker).status == "duplicate"
+
+    @rule(
+        workers=st.lists(st.sampled_from(WORKERS), min_size=1, max_size=6),
+        garbage=st.booleans(),
+        crash=st.booleans(),
+    )
+    def deliver_batch(self, workers: list[str], garbage: bool, crash: bool) -> None:
+        """What the consumer had in hand at once, in one transaction: repeats of a worker are
+        duplicate deliveries; optionally a garbage copy, and a transaction that dies at its end."""
+        tasks = {w: t for w in dict.fromkeys(workers) if (t := self._pending(w)) is not None}
+        items = [(self._report(tasks[w], w, 0.5), w) for w in workers if w in tasks]
+        if not items:
+            return
+        if garbage:
+            report, worker = items[0]
+            items.append((dataclasses.replace(report, payload=b"junk"), worker))
+        open_before = {t.task_id: self._round_open(t.round_id) for t in tasks.values()}
+        if crash:
+            original = _Intake.store_weights
+
+            def die(intake: _Intake) -> None:
+                original(intake)  # everything written, then the process dies before the commit
+                raise CrashError
+
+            with mock.patch.object(_Intake, "store_weights", die), pytest.raises(CrashError):
+                self.engine.record_deltas(items)
+            assert all(self._pending(w) is not None for w in tasks), "a crashed batch left a trace"
+            self.engine = self._engine()
+            return
+        outcomes = self.engine.record_deltas(items)
+        seen: set[str] = set()
+        for (report, _), outcome in zip(items, outcomes, strict=True):
+            if report.task_id in seen:
+                assert outcome.status == "duplicate", outcome
+            else:
+                assert outcome.status == ("accepted" if open_before[report.task_id] else "rejected"), outcome
+            seen.add(report.task_id)
 
     @rule(worker=st.sampled_from(WORKERS), junk=st.binary(max_size=64))
     def deliver_garbage(self, worker: str, junk: bytes) -> None:
