@@ -105,10 +105,15 @@ class _Intake:
         unique = sorted(set(task_ids))
         for i in range(0, len(unique), 500):
             part = unique[i : i + 500]
-            tasks.update((t.task_id, t) for t in session.scalars(select(Task).where(Task.task_id.in_(part))))
-            answered.update(
-                t for t in session.scalars(select(Delta.task_id).where(Delta.task_id.in_(part))) if t
+            rows = session.execute(
+                select(Task, Delta.id)
+                .outerjoin(Delta, Delta.task_id == Task.task_id)
+                .where(Task.task_id.in_(part))
             )
+            for task, delta_id in rows:
+                tasks[task.task_id] = task
+                if delta_id is not None:
+                    answered.add(task.task_id)
         return cls(session, tasks, answered)
 
     def get(self, entity: type[_Row], pk: int) -> _Row | None:

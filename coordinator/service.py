@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -143,7 +144,11 @@ class Coordinator:
     def _record_deltas(self, reports: list[tuple[DeltaReport, str | None]]) -> None:
         outcomes = self.engine.record_deltas(reports)
         for (report, _), outcome in zip(reports, outcomes, strict=True):
-            logger.info("delta for task %s: %s %s", report.task_id, outcome.status, outcome.reason)
+            logger.debug("delta for task %s: %s %s", report.task_id, outcome.status, outcome.reason)
+        counts = Counter(outcome.status for outcome in outcomes)
+        logger.info(
+            "%d deltas committed: %s", len(outcomes), ", ".join(f"{n} {k}" for k, n in counts.items())
+        )
         if any(outcome.status == "accepted" for outcome in outcomes):
             fault_point("coordinator-after-delta-commit")
         for round_id in dict.fromkeys(o.round_id for o in outcomes if o.round_id is not None):

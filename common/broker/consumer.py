@@ -115,7 +115,7 @@ class Consumer:
         self._stop = threading.Event()
         self._generation = 0
         self._work: queue_module.Queue[_Work | None] = queue_module.Queue()
-        self._settled: list[tuple[_Work, Decision]] = []
+        self._settled: list[list[tuple[_Work, Decision]]] = []  # one entry per batch, in order
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
@@ -158,7 +158,7 @@ class Consumer:
                 try:
                     with translating_pika_errors():
                         live[0].connection.add_callback_threadsafe(
-                            functools.partial(self._settled.extend, settled)
+                            functools.partial(self._settled.append, settled)
                         )
                 except BrokerError:
                     logger.info(
@@ -170,17 +170,26 @@ class Consumer:
     # -- I/O thread ----------------------------------------------------------------------------
 
     def _settle(self, channel: BlockingChannel) -> None:
-        settled, self._settled = self._settled, []
-        for work, decision in settled:
-            if work.generation != self._generation:
+        batches, self._settled = self._settled, []
+        for batch in batches:
+            live = [(work, decision) for work, decision in batch if work.generation == self._generation]
+            if len(live) > 1 and all(decision.outcome is Outcome.ACK for _, decision in live):
+                # Batches are settled in delivery order, so every earlier delivery of this channel
+                # is settled already: one ack with ``multiple`` covers exactly this batch.
+                with translating_pika_errors():
+                    channel.basic_ack(live[-1][0].delivery_tag, multiple=True)
                 continue
-            with translating_pika_errors():
-                if decision.outcome is Outcome.ACK:
-                    channel.basic_ack(work.delivery_tag)
-                elif decision.outcome is Outcome.RETRY:
-                    channel.basic_nack(work.delivery_tag, requeue=True)
-            if decision.outcome is Outcome.DEAD_LETTER:
-                self._dead_letter(channel, work, decision)
+            for work, decision in live:
+                self._settle_one(channel, work, decision)
+
+    def _settle_one(self, channel: BlockingChannel, work: _Work, decision: Decision) -> None:
+        with translating_pika_errors():
+            if decision.outcome is Outcome.ACK:
+                channel.basic_ack(work.delivery_tag)
+            elif decision.outcome is Outcome.RETRY:
+                channel.basic_nack(work.delivery_tag, requeue=True)
+        if decision.outcome is Outcome.DEAD_LETTER:
+            self._dead_letter(channel, work, decision)
 
     def _dead_letter_channel(self, channel: BlockingChannel) -> BlockingChannel:
         """A confirm-mode channel beside ``channel`` (reopened after the broker closed it, e.g. 403)."""
