@@ -18,6 +18,7 @@ from rich.table import Table
 from coordinator.bench.aggregate import AggregateBenchResult, run_aggregate_benchmark
 from coordinator.bench.codec import CodecBenchResult, run_codec_benchmark
 from coordinator.bench.intake import IntakeBenchResult, run_intake_benchmark
+from coordinator.bench.load import LoadBenchResult, run_load_benchmark
 from coordinator.bench.round import RoundBenchResult, run_round_benchmark
 
 app = typer.Typer(
@@ -221,6 +222,77 @@ def aggregate(
     """
     result = run_aggregate_benchmark(size_mb=size_mb, repeat=repeat)
     _report("fedmq bench aggregate", _aggregate_rows(result), result, as_json)
+
+
+def _load_rows(r: LoadBenchResult) -> list[tuple[str, str, str]]:
+    def count(n: int) -> str:
+        return f"[green]{n}[/]" if n == 0 else f"[red]{n}[/]"
+
+    return [
+        (
+            "simulated workers",
+            f"{r.workers} x {r.rounds} rounds",
+            f"{r.processes} processes, one connection and broker user each; added in {r.setup_s:.1f} s",
+        ),
+        ("run", r.run_state, f"{r.tasks} tasks, {len(r.round_latency_s)} rounds closed"),
+        ("deltas accepted", f"{r.deltas_per_s:.0f} deltas/s", "first round opened to last round closed"),
+        ("round latency p50", f"{r.p50_round_s * 1000:.0f} ms", "round opened to closed (SQL)"),
+        ("round latency p99", f"{r.p99_round_s * 1000:.0f} ms", f"rounds (ms): {_ms(r.round_latency_s)}"),
+        ("coordinator peak memory", f"{r.coordinator_peak_mb:.0f} MB", "VmHWM of its process"),
+        (
+            "deltas confirmed / accepted",
+            f"{r.deltas_confirmed} / {r.deltas_accepted}",
+            f"{r.publishes_confirmed} publishes confirmed, {r.deltas_rejected} rejected, "
+            f"{r.redelivered_tasks} tasks redelivered",
+        ),
+        ("dead-lettered", count(r.dead_lettered), f"{r.messages_left} messages left in other queues"),
+        ("lost", count(r.lost), "tasks or confirmed deltas no version counted"),
+        ("duplicated", count(r.duplicated), "deltas counted more than once"),
+        ("versions not FedAvg of their deltas", count(r.rounds_mismatched), "recomputed in float64"),
+        ("load average", f"{r.load_average:.1f}", "1 min, at the end; other work skews the figures"),
+    ]
+
+
+@app.command("load")
+def load(
+    workers: int = typer.Option(100, "--workers", min=1, help="Simulated workers, each its own connection."),
+    rounds: int = typer.Option(10, "--rounds", min=1, help="FedAvg rounds over every worker."),
+    per_process: int = typer.Option(
+        25, "--per-process", min=1, help="Simulated workers (threads) per process."
+    ),
+    workdir: str = typer.Option(
+        None, "--workdir", help="Keep the deployment (database, logs) in this new directory."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON instead of a table."),
+) -> None:
+    """Many simulated workers for many rounds: deltas/s, round latency, coordinator memory, exactly-once.
+
+    Exits 1 when a delta was lost or counted twice; a missed target alone does not fail it.
+    Example: fedmq bench load --workers 100 --rounds 10
+    """
+    from pathlib import Path
+
+    result = run_load_benchmark(
+        workers=workers,
+        rounds=rounds,
+        per_process=per_process,
+        workdir=Path(workdir) if workdir else None,
+        progress=_progress,
+    )
+    _report("fedmq bench load", _load_rows(result), result, as_json)
+    verdict = "PASS" if result.target_met else "FAIL"
+    summary = (
+        f"lost {result.lost}, duplicated {result.duplicated}, dead-lettered {result.dead_lettered}: "
+        f"{verdict} (target: zero lost, zero duplicated, zero dead-lettered)"
+    )
+    if as_json:
+        _progress(summary)
+    else:
+        _console.print(summary, markup=False)
+    for error in result.worker_errors:
+        _progress(f"simulated worker error: {error}")
+    if not result.oracle_ok:
+        raise typer.Exit(1)
 
 
 @app.command("study")

@@ -1,0 +1,343 @@
+"""`fedmq bench load`: many simulated workers for many rounds against one coordinator.
+
+Set-up (not timed): a :class:`~coordinator.bench.deploy.BenchDeployment` (private RabbitMQ node,
+SQLite, keys), a tiny registered model (a 32x10 linear model, so the figures are coordination, not
+maths), ``workers`` workers added in one go by :func:`~coordinator.workers.add_workers` (each its
+own broker user with the least-privilege permissions, its queues, SQL row and config file), and
+the coordinator as its own process (``fedmq coordinator run``). Then one FedAvg run of ``rounds``
+rounds over every worker is submitted through the control queue.
+
+The workers are simulated (:mod:`coordinator.bench.simulated_workers`): protocol-level workers that
+skip loading the model but answer every task with a valid delta, each on its own connection as its
+own broker user, with publisher confirms and the task acked after the confirm; ``per_process`` of
+them run as threads in one process.
+
+Measured: deltas accepted per second (first round opened to last round closed, from SQL); p50 and
+p99 round latency (each round's ``created_at`` to ``closed_at``; p99 interpolates between rounds);
+the coordinator's peak memory (``VmHWM`` of its process, read before it stops); messages in the
+dead-letter queues and messages left in task, results and control queues (``rabbitmqctl``).
+
+Exactly-once oracle, from SQL and what the workers report: every task of the run and every task
+whose delta a worker had confirmed must be answered by exactly one accepted delta, aggregated in
+its round's version; each version must count exactly the deltas aggregated into it (its
+``deltas`` metric) and equal FedAvg recomputed from them. A task without such a delta is *lost*; a
+second delta row for a task, or a version counting more deltas than it has, is *duplicated*.
+
+Target (issue 6): zero lost, zero duplicated, zero dead-lettered. A missed target does not fail the
+command, but a lost or duplicated delta (or a version that is not FedAvg of its deltas) breaks the
+design's invariant: the CLI then exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from common import codec, devbroker
+from common.messages import StartRun
+from common.model.numpy_model import make_linear_model
+from coordinator.bench.deploy import BenchDeployment, sigterm_as_interrupt
+from coordinator.bench.simulated_workers import Layout, Simulators
+from coordinator.control import new_id, submit
+from coordinator.db import Database
+from coordinator.db.blobs import read_blob
+from coordinator.db.models import Delta, ModelVersion, OutboxMessage, Round, Run, Task
+from coordinator.workers import add_workers
+
+logger = logging.getLogger(__name__)
+
+MODEL = "load"
+MODEL_SHAPE = (32, 10)
+ACCEPTED = ("accepted", "aggregated")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LoadBenchResult:
+    """Figures of one run; times in seconds, memory in MB."""
+
+    run_id: str
+    workers: int
+    rounds: int
+    processes: int
+    setup_s: float  # adding the workers: users, permissions, queues, rows, configs
+    run_state: str
+    tasks: int
+    publishes_confirmed: int  # delta publishes the broker confirmed to the simulated workers
+    deltas_confirmed: int  # distinct tasks among them
+    deltas_accepted: int
+    deltas_rejected: int
+    deltas_per_s: float
+    round_latency_s: list[float]
+    p50_round_s: float
+    p99_round_s: float
+    coordinator_peak_mb: float
+    dead_lettered: int
+    messages_left: int
+    redelivered_tasks: int
+    lost: int
+    duplicated: int
+    rounds_mismatched: int  # versions that are not FedAvg of the deltas they count
+    oracle_ok: bool
+    target_met: bool
+    worker_errors: list[str] = field(default_factory=list)
+    load_average: float = 0.0
+
+
+@contextlib.contextmanager
+def node_file_limit(directory: Path) -> Iterator[None]:
+    """Let a RabbitMQ node started inside open files up to its hard limit.
+
+    RabbitMQ 3.10 budgets its file handles from the soft ``RLIMIT_NOFILE`` (1024 gives 927), and
+    quorum queues and AMQP connections draw from that budget. Debian's start script switches to the
+    ``rabbitmq`` user through ``su``, whose PAM session resets the soft limit to 1024: with about 100
+    workers (four quorum queues each) the budget runs out and the node stops completing AMQP
+    handshakes. The node's env file (``RABBITMQ_CONF_ENV_FILE``, sourced by its start script as the
+    node's user) raises the limit.
+    """
+    env_file = directory / "rabbitmq-env.conf"
+    env_file.write_text('ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true\n')
+    env_file.chmod(0o644)
+    previous = os.environ.get("RABBITMQ_CONF_ENV_FILE")
+    os.environ["RABBITMQ_CONF_ENV_FILE"] = str(env_file)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RABBITMQ_CONF_ENV_FILE", None)
+        else:
+            os.environ["RABBITMQ_CONF_ENV_FILE"] = previous
+
+
+def peak_memory_mb(pid: int) -> float:
+    """``VmHWM`` (peak resident set) of process ``pid`` in MB; NaN when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
+
+
+def queue_depths(dep: BenchDeployment) -> tuple[int, int]:
+    """(messages in dead-letter queues, messages left in task, results and control queues)."""
+    out = devbroker.rabbitmqctl(dep.node, "list_queues", "name", "messages", "--formatter", "json")
+    dead, left = 0, 0
+    for queue in json.loads(out or "[]"):
+        name, messages = str(queue["name"]), int(queue.get("messages") or 0)
+        if name.endswith(".dlq"):
+            dead += messages
+        elif not name.startswith("fedmq.releases."):
+            left += messages
+    return dead, left
+
+
+def base_layout(db: Database) -> Layout:
+    """Shapes and dtypes of the bench model's first version: what every delta must match."""
+    with db.session() as session:
+        version = session.scalar(select(ModelVersion).order_by(ModelVersion.id).limit(1))
+        assert version is not None
+        weights = codec.decode_weights(read_blob(session, version.weights_blob_id))
+    return [(list(w.shape), str(w.dtype)) for w in weights]
+
+
+@dataclass(frozen=True)
+class Oracle:
+    tasks: int
+    accepted: int
+    rejected: int
+    lost: int
+    duplicated: int
+    rounds_mismatched: int
+
+
+def exactly_once(db: Database, run_id: str, confirmed: set[str]) -> Oracle:
+    """Check every delta counted exactly once (see the module docstring)."""
+    with db.session() as session:
+        rounds = list(session.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.number)))
+        round_ids = [r.id for r in rounds]
+        task_ids = set(session.scalars(select(Task.task_id).where(Task.round_id.in_(round_ids))))
+        deltas = list(session.scalars(select(Delta).where(Delta.round_id.in_(round_ids))))
+        accepted = [d for d in deltas if d.status in ACCEPTED]
+        per_task = Counter(d.task_id for d in accepted)
+        duplicated = sum(n - 1 for n in per_task.values() if n > 1)
+        counted: set[str] = set()
+        lost_in_rounds, mismatched = 0, 0
+        for round_ in rounds:
+            version = (
+                session.get(ModelVersion, round_.result_version_id) if round_.result_version_id else None
+            )
+            rows = [d for d in accepted if d.round_id == round_.id and d.status == "aggregated"]
+            if round_.state != "closed" or version is None:
+                continue
+            in_version = int((version.metrics or {}).get("deltas", 0))
+            duplicated += max(0, in_version - len(rows))
+            lost_in_rounds += max(0, len(rows) - in_version)
+            counted.update(d.task_id for d in rows if d.task_id is not None)
+            if not _is_fedavg(session, round_, version, rows):
+                mismatched += 1
+    lost = len((task_ids | confirmed) - counted) + lost_in_rounds
+    rejected = sum(1 for d in deltas if d.status == "rejected")
+    return Oracle(len(task_ids), len(accepted), rejected, lost, duplicated, mismatched)
+
+
+def _is_fedavg(session: Session, round_: Round, version: ModelVersion, rows: list[Delta]) -> bool:
+    """Is ``version`` the base plus the sample-weighted mean of ``rows``' deltas (float64 check)?"""
+    total = sum(d.sample_count for d in rows)
+    base_row = session.get(ModelVersion, round_.base_version_id)
+    if not rows or total <= 0 or base_row is None:
+        return False
+    base = codec.decode_weights(read_blob(session, base_row.weights_blob_id))
+    new = codec.decode_weights(read_blob(session, version.weights_blob_id))
+    sums = [np.zeros(b.shape, np.float64) for b in base]
+    for d in rows:
+        assert d.weights_blob_id is not None
+        for s, w in zip(sums, codec.decode_weights(read_blob(session, d.weights_blob_id)), strict=True):
+            s += d.sample_count * w.astype(np.float64)
+    return all(
+        np.allclose(n.astype(np.float64), b.astype(np.float64) + s / total, rtol=0, atol=1e-5)
+        for n, b, s in zip(new, base, sums, strict=True)
+    )
+
+
+def round_figures(db: Database, run_id: str) -> tuple[str, list[float], float]:
+    """(run state, each closed round's latency, accepted deltas per second over the run)."""
+    with db.session() as session:
+        state = session.scalar(select(Run.state).where(Run.run_id == run_id)) or "not recorded"
+        rounds = list(session.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.number)))
+        closed = [r for r in rounds if r.state == "closed" and r.closed_at is not None]
+        accepted = session.scalar(
+            select(func.count()).where(Delta.round_id.in_([r.id for r in rounds]), Delta.status.in_(ACCEPTED))
+        )
+    latencies = [(r.closed_at - r.created_at).total_seconds() for r in closed if r.closed_at]
+    if not closed:
+        return state, latencies, float("nan")
+    span = (max(r.closed_at for r in closed if r.closed_at) - rounds[0].created_at).total_seconds()
+    return state, latencies, (accepted or 0) / span if span > 0 else float("nan")
+
+
+# -------------------------------------------------------------------------------------- run
+
+
+def run_load_benchmark(
+    workers: int = 100,
+    rounds: int = 10,
+    per_process: int = 25,
+    workdir: Path | None = None,
+    progress: Progress = lambda line: None,
+) -> LoadBenchResult:
+    """Run the load benchmark (see the module docstring)."""
+    names = [f"w{i:03d}" for i in range(workers)]
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="fedmq-bench-load-") as tmp:
+        base = workdir or Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o755)  # the RabbitMQ node runs as its own user below it
+        with node_file_limit(base):
+            dep = BenchDeployment.start(base / "fedmq")
+        with dep:
+            dep.register(MODEL, make_linear_model(*MODEL_SHAPE, model_id=MODEL))
+            progress(f"adding {workers} workers (one definitions import for their broker users)")
+            started = time.perf_counter()
+            with dep.database() as db:
+                added = add_workers(dep.settings, db, names, dep.root / "workers", broker_dir=dep.broker_dir)
+                dep.workers.update((a.name, a) for a in added)
+                layout = base_layout(db)
+            setup_s = time.perf_counter() - started
+            dep.start_coordinator()
+            simulators = Simulators(dep, names, per_process, layout)
+            try:
+                run_id = _run(dep, simulators, names, rounds, progress)
+            finally:
+                reports = simulators.stop()
+            peak_mb = peak_memory_mb(dep.procs["coordinator"].pid)
+            dead_lettered, messages_left = queue_depths(dep)
+            confirmed = [t for r in reports for t in r["confirmed"]]
+            with dep.database() as db:
+                state, latencies, per_s = round_figures(db, run_id)
+                oracle = exactly_once(db, run_id, set(confirmed))
+    received = Counter(t for r in reports for t in r["received"])
+    lost_or_duplicated = oracle.lost + oracle.duplicated + oracle.rounds_mismatched
+    return LoadBenchResult(
+        run_id=run_id,
+        workers=workers,
+        rounds=rounds,
+        processes=len(range(0, workers, per_process)),
+        setup_s=setup_s,
+        run_state=state,
+        tasks=oracle.tasks,
+        publishes_confirmed=len(confirmed),
+        deltas_confirmed=len(set(confirmed)),
+        deltas_accepted=oracle.accepted,
+        deltas_rejected=oracle.rejected,
+        deltas_per_s=per_s,
+        round_latency_s=latencies,
+        p50_round_s=statistics.median(latencies) if latencies else float("nan"),
+        p99_round_s=float(np.percentile(latencies, 99)) if latencies else float("nan"),
+        coordinator_peak_mb=peak_mb,
+        dead_lettered=dead_lettered,
+        messages_left=messages_left,
+        redelivered_tasks=sum(1 for n in received.values() if n > 1),
+        lost=oracle.lost,
+        duplicated=oracle.duplicated,
+        rounds_mismatched=oracle.rounds_mismatched,
+        oracle_ok=lost_or_duplicated == 0,
+        target_met=lost_or_duplicated == 0 and dead_lettered == 0 and state == "completed",
+        worker_errors=[r["error"] for r in reports if r["error"]],
+        load_average=os.getloadavg()[0],
+    )
+
+
+def _run(
+    dep: BenchDeployment, simulators: Simulators, names: list[str], rounds: int, progress: Progress
+) -> str:
+    """Wait for every worker, submit the run and wait for its end; return its id.
+
+    A run that does not finish in time is not an error here: the oracle counts what it left undone.
+    """
+    progress(f"{len(names)} simulated workers connecting ({len(simulators.procs)} processes)")
+    dep.wait_workers_seen(names, timeout_s=180)
+    run_id = new_id()
+    progress(f"run {run_id}: {rounds} rounds with {len(names)} workers")
+    submit(
+        dep.settings,
+        StartRun(
+            run_id=run_id,
+            model=MODEL,
+            rounds=rounds,
+            min_workers=len(names),
+            deadline_s=3600.0,
+            workers=names,
+        ),
+    )
+    with dep.database() as db:
+
+        def finished() -> bool:
+            simulators.check()
+            with db.session() as session:
+                return session.scalar(select(Run.state).where(Run.run_id == run_id)) not in (None, "running")
+
+        def relayed() -> bool:
+            with db.session() as session:
+                return not session.scalar(select(func.count()).where(OutboxMessage.sent_at.is_(None)))
+
+        try:
+            dep.wait_for(f"run {run_id}", finished, timeout_s=120 + 0.2 * len(names) * rounds)
+            dep.wait_for("the outbox to be relayed", relayed, timeout_s=30)
+        except TimeoutError as exc:
+            progress(str(exc))
+    return run_id
