@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from common import codec
@@ -613,19 +613,20 @@ class RoundEngine:
 
     def _sync_rule(self, session: Session, round_: Round) -> tuple[str, str] | None:
         """What a synchronous round's rule says now: (closed | failed, reason), or None to wait."""
-        # Counted in SQL: loading every task row made each delta O(tasks in the round).
-        pending = (
-            session.scalar(select(func.count()).where(Task.round_id == round_.id, Task.state == TASK_PENDING))
-            or 0
+        # Asked of SQL through the (round, state) indexes: while a task is pending and the deadline
+        # is ahead, one EXISTS answers (the common case, once per delivered batch); only then count.
+        past_deadline = round_.deadline is not None and self.clock() >= round_.deadline
+        all_answered = not session.scalar(
+            select(exists().where(Task.round_id == round_.id, Task.state == TASK_PENDING))
         )
+        if not all_answered and not past_deadline:
+            return None
         accepted = (
             session.scalar(
                 select(func.count()).where(Delta.round_id == round_.id, Delta.status == DELTA_ACCEPTED)
             )
             or 0
         )
-        all_answered = pending == 0
-        past_deadline = round_.deadline is not None and self.clock() >= round_.deadline
         if accepted >= round_.quorum and (all_answered or past_deadline):
             return ROUND_CLOSED, ""
         if past_deadline or (all_answered and accepted < round_.quorum):

@@ -228,6 +228,8 @@ class Round(Base):
 
 class Task(Base):
     __tablename__ = "tasks"
+    # A round's rule asks whether any of its tasks is still pending, once per batch of deltas.
+    __table_args__ = (Index("ix_tasks_round_state", "round_id", "state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -242,6 +244,8 @@ class Task(Base):
 
 class Delta(Base):
     __tablename__ = "deltas"
+    # Counting a round's accepted deltas (its quorum, an async buffer) reads only this index.
+    __table_args__ = (Index("ix_deltas_round_status", "round_id", "status"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     # One row per task: a duplicate delivery of the same task's delta hits this constraint.
