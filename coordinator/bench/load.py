@@ -15,7 +15,7 @@ them run as threads in one process.
 Measured: deltas accepted per second (first round opened to last round closed, from SQL); p50 and
 p99 round latency (each round's ``created_at`` to ``closed_at``; p99 interpolates between rounds);
 the coordinator's peak memory (``VmHWM`` of its process, read before it stops); messages in the
-dead-letter queues and messages left in task, results and control queues (``rabbitmqctl``).
+dead-letter queues and messages left in task, results and control queues (asked of each queue).
 
 Exactly-once oracle, from SQL and what the workers report: every task of the run and every task
 whose delta a worker had confirmed must be answered by exactly one accepted delta, aggregated in
@@ -31,7 +31,6 @@ design's invariant: the CLI then exits 1.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import statistics
@@ -43,10 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pika
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from common import codec, devbroker
+from common import codec
+from common.broker.topology import fedmq_topology, with_dead_letter_queues, worker_release_queue
 from common.messages import StartRun
 from common.model.numpy_model import make_linear_model
 from coordinator.bench.deploy import BenchDeployment, sigterm_as_interrupt
@@ -87,7 +88,7 @@ class LoadBenchResult:
     p99_round_s: float
     coordinator_peak_mb: float
     dead_lettered: int
-    messages_left: int
+    messages_left: int  # ready in task, results, control and fetch queues at the end
     redelivered_tasks: int
     lost: int
     duplicated: int
@@ -95,6 +96,7 @@ class LoadBenchResult:
     oracle_ok: bool
     target_met: bool
     worker_errors: list[str] = field(default_factory=list)
+    queues_not_empty: dict[str, int] = field(default_factory=dict)  # ready messages at the end
     load_average: float = 0.0
 
 
@@ -134,17 +136,21 @@ def peak_memory_mb(pid: int) -> float:
     return float("nan")
 
 
-def queue_depths(dep: BenchDeployment) -> tuple[int, int]:
-    """(messages in dead-letter queues, messages left in task, results and control queues)."""
-    out = devbroker.rabbitmqctl(dep.node, "list_queues", "name", "messages", "--formatter", "json")
-    dead, left = 0, 0
-    for queue in json.loads(out or "[]"):
-        name, messages = str(queue["name"]), int(queue.get("messages") or 0)
-        if name.endswith(".dlq"):
-            dead += messages
-        elif not name.startswith("fedmq.releases."):
-            left += messages
-    return dead, left
+def queue_depths(amqp_url: str, names: list[str]) -> dict[str, int]:
+    """Ready messages in each non-empty queue of the deployment (releases excepted), by queue name.
+
+    A passive declare asks each queue itself: ``rabbitmqctl list_queues`` serves statistics that can
+    be seconds old. Messages a live consumer holds unacked are not counted (they are in hand).
+    """
+    releases = {worker_release_queue(name) for name in names}  # the last one may still be on its way
+    queues = [q.name for q in with_dead_letter_queues(fedmq_topology(tuple(names))).queues]
+    depths: dict[str, int] = {}
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        for queue in queues:
+            if queue not in releases:
+                depths[queue] = channel.queue_declare(queue, passive=True).method.message_count
+    return {name: n for name, n in depths.items() if n}
 
 
 def base_layout(db: Database) -> Layout:
@@ -265,12 +271,13 @@ def run_load_benchmark(
             finally:
                 reports = simulators.stop()
             peak_mb = peak_memory_mb(dep.procs["coordinator"].pid)
-            dead_lettered, messages_left = queue_depths(dep)
+            depths = queue_depths(dep.settings.amqp_url, names)
             confirmed = [t for r in reports for t in r["confirmed"]]
             with dep.database() as db:
                 state, latencies, per_s = round_figures(db, run_id)
                 oracle = exactly_once(db, run_id, set(confirmed))
     received = Counter(t for r in reports for t in r["received"])
+    dead_lettered = sum(n for q, n in depths.items() if q.endswith(".dlq"))
     lost_or_duplicated = oracle.lost + oracle.duplicated + oracle.rounds_mismatched
     return LoadBenchResult(
         run_id=run_id,
@@ -290,7 +297,8 @@ def run_load_benchmark(
         p99_round_s=float(np.percentile(latencies, 99)) if latencies else float("nan"),
         coordinator_peak_mb=peak_mb,
         dead_lettered=dead_lettered,
-        messages_left=messages_left,
+        messages_left=sum(depths.values()) - dead_lettered,
+        queues_not_empty=depths,
         redelivered_tasks=sum(1 for n in received.values() if n > 1),
         lost=oracle.lost,
         duplicated=oracle.duplicated,

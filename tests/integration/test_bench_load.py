@@ -22,10 +22,17 @@ import pytest
 from sqlalchemy import select, text, update
 from typer.testing import CliRunner
 
-from common.broker import admin
+from common.broker import BrokerConfig, OutgoingMessage, RabbitmqBroker, admin, fedmq_topology
+from common.broker.topology import (
+    DEAD_LETTER_EXCHANGE,
+    RELEASES_EXCHANGE,
+    TASKS_EXCHANGE,
+    dead_letter_queue_name,
+    worker_task_queue,
+)
 from common.devbroker import rabbitmqctl
 from common.settings import Settings
-from coordinator.bench.load import exactly_once
+from coordinator.bench.load import exactly_once, queue_depths
 from coordinator.cli.main import app
 from coordinator.db import Database
 from coordinator.db.models import Delta, ModelVersion, Round
@@ -146,3 +153,19 @@ def test_one_import_gives_each_worker_user_its_least_privilege(rabbitmq: Any) ->
     finally:
         for name in names:
             admin.delete_user(rabbitmq.node, name)
+
+
+def test_dead_letters_and_messages_left_are_counted_from_the_queues_themselves(sqlite_cluster: Any) -> None:
+    url = sqlite_cluster.settings.amqp_url
+    broker = RabbitmqBroker(BrokerConfig(amqp_url=url), name="test-bench-load")
+    try:
+        broker.declare(fedmq_topology(("sim",)))
+        broker.publish(OutgoingMessage(DEAD_LETTER_EXCHANGE, worker_task_queue("sim"), b"refused"))
+        broker.publish(OutgoingMessage(TASKS_EXCHANGE, "sim", b"never taken"))
+        broker.publish(OutgoingMessage(RELEASES_EXCHANGE, "", b"a release: not counted"))
+    finally:
+        broker.close()
+
+    depths = queue_depths(url, ["sim"])
+
+    assert depths == {dead_letter_queue_name(worker_task_queue("sim")): 1, worker_task_queue("sim"): 1}
