@@ -2,11 +2,14 @@
 
 Three measurements, each against a baseline taken in the same run on the same machine:
 
-- *throughput*: FedAvg of N deltas of a ~``size_mb`` MB model (realistic layer shapes, float32)
-  from ``begin`` to ``finish``, counted in bytes of deltas consumed per second, against ``a += b``
-  on two float32 arrays of the model's total size (bytes of ``b`` per second). The deltas come
-  from a pool of a few distinct ones (the model is larger than the caches, so reuse does not help).
-  The previous implementation (one float64 temporary per array) is measured too.
+- *throughput*: FedAvg (default options: float32 sums) of N deltas of a ~``size_mb`` MB model
+  (realistic layer shapes, float32) from ``begin`` to ``finish``, counted in bytes of deltas
+  consumed per second, against ``a += b`` on two float32 arrays of the model's total size (bytes of
+  ``b`` per second). The deltas come from a pool of a few distinct ones (the model is larger than
+  the caches, so reuse does not help) with distinct sample counts (100, 101, ...), so every delta
+  after the first is scaled (equal counts without clipping take a plain add, which is faster).
+  FedAvg with ``accumulate=float64`` and the implementation before the blocked sums (one float64
+  temporary per array) are measured too, for the first N.
 - *memory*: the deltas are produced one at a time the way the round engine streams them (a fresh
   ``bytes`` as read from SQL, decoded into read-only views); the peak of memory traced by
   ``tracemalloc`` and, on Linux, the peak resident set growth (``VmHWM`` after resetting it through
@@ -97,6 +100,8 @@ class AggregateBenchResult:
     arrays: int
     repeat: int
     fedavg: list[FedAvgFigure]
+    float64_fedavg_gbps: float
+    float64_ratio_to_add: float
     previous_fedavg_gbps: float
     memory: list[MemoryFigure]
     traced_peak_spread_mb: float
@@ -129,7 +134,7 @@ def run_aggregate_benchmark(
     base = make_weights(size_mb, seed=0)
     nbytes = weights_nbytes(base)
     logger.info("aggregate benchmark: %d arrays, %d bytes per model", len(base), nbytes)
-    fedavg, previous_gbps = _throughput(base, size_mb, n_values, repeat)
+    fedavg, float64_gbps, previous_gbps = _throughput(base, size_mb, n_values, repeat)
 
     frame = encode_weights(base)
     memory = [_memory(base, frame, n) for n in n_values]
@@ -143,6 +148,8 @@ def run_aggregate_benchmark(
         arrays=len(base),
         repeat=repeat,
         fedavg=fedavg,
+        float64_fedavg_gbps=float64_gbps,
+        float64_ratio_to_add=float64_gbps / fedavg[0].add_gbps,
         previous_fedavg_gbps=previous_gbps,
         memory=memory,
         traced_peak_spread_mb=spread,
@@ -157,8 +164,8 @@ def run_aggregate_benchmark(
 
 def _throughput(
     base: list[np.ndarray], size_mb: float, n_values: Sequence[int], repeat: int
-) -> tuple[list[FedAvgFigure], float]:
-    """FedAvg figures for each N, and the previous implementation's bandwidth for the first N."""
+) -> tuple[list[FedAvgFigure], float, float]:
+    """FedAvg figures for each N; float64 FedAvg's and the previous implementation's bandwidth."""
     nbytes = weights_nbytes(base)
     pool = [make_weights(size_mb, seed=1 + i) for i in range(_POOL)]
     rng = np.random.default_rng(2)
@@ -181,8 +188,10 @@ def _throughput(
         gbps, add_gbps = n * nbytes / fedavg_s / 1e9, n * nbytes / add_s / 1e9
         ratio = gbps / add_gbps
         figures.append(FedAvgFigure(n, fedavg_s, gbps, add_gbps, ratio, ratio >= THROUGHPUT_TARGET))
-    previous = _best(lambda: _previous_fedavg(base, deltas(n_values[0])), repeat)
-    return figures, n_values[0] * nbytes / previous / 1e9
+    first = n_values[0]
+    float64 = _best(lambda: _aggregate("fedavg", {"accumulate": "float64"}, base, deltas(first)), repeat)
+    previous = _best(lambda: _previous_fedavg(base, deltas(first)), repeat)
+    return figures, first * nbytes / float64 / 1e9, first * nbytes / previous / 1e9
 
 
 def _fedavg(base: list[np.ndarray], deltas: Iterator[list[np.ndarray]]) -> list[np.ndarray]:
@@ -193,20 +202,26 @@ def _aggregate(
     name: str, options: dict[str, Any], base: list[np.ndarray], deltas: Iterator[list[np.ndarray]]
 ) -> list[np.ndarray]:
     agg = get_strategy(name, options).begin(base)
-    for delta in deltas:
-        agg.add(delta, 100)
+    for i, delta in enumerate(deltas):
+        agg.add(delta, _sample_count(i))
     return agg.finish()
 
 
+def _sample_count(i: int) -> int:
+    """The sample count the benchmark gives the i-th delta: all distinct, as workers' data sets are."""
+    return 100 + i
+
+
 def _previous_fedavg(base: list[np.ndarray], deltas: Iterator[list[np.ndarray]]) -> list[np.ndarray]:
-    """The implementation this module replaced: ``total += np.multiply(d, w, dtype=float64)``."""
+    """The implementation before the blocked sums: ``total += np.multiply(d, w, dtype=float64)``."""
     sums = [np.zeros(b.shape, np.float64) if np.issubdtype(b.dtype, np.floating) else None for b in base]
     weight = 0.0
-    for delta in deltas:
+    for i, delta in enumerate(deltas):
+        count = float(_sample_count(i))
         for total, d in zip(sums, delta, strict=True):
             if total is not None:
-                total += np.multiply(d, 100.0, dtype=np.float64)
-        weight += 100.0
+                total += np.multiply(d, count, dtype=np.float64)
+        weight += count
     return [b if s is None else (s / weight + b).astype(b.dtype) for b, s in zip(base, sums, strict=True)]
 
 

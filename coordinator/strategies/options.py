@@ -8,6 +8,7 @@ mean the same, and a bad value is a :class:`ConfigError` that names the option.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,6 +49,13 @@ def as_int(owner: str, key: str, value: Any, *, low: int = 0) -> int:
     if number != int(number) or number < low:
         raise ConfigError(f"{owner}: option {key!r} must be an integer >= {low}, not {value!r}")
     return int(number)
+
+
+def as_choice(owner: str, key: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` as one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{owner}: option {key!r} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def as_optional_int(owner: str, key: str, value: Any, *, low: int = 0) -> int | None:

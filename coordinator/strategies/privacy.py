@@ -41,7 +41,7 @@ def noise_generator(seed: int | None, base: Sequence[np.ndarray]) -> np.random.G
 
 
 def add_gaussian_noise(delta: list[np.ndarray | None], std: float, rng: np.random.Generator) -> None:
-    """Add ``N(0, std^2)`` to every coordinate of the float64 arrays of ``delta``, block by block."""
+    """Add ``N(0, std^2)`` to every coordinate of the arrays of ``delta`` (drawn in float64), block by block."""
     scratch = np.empty(SCRATCH_COORDS, dtype=np.float64)
     for array in delta:
         if array is None or not is_averaged(array):

@@ -12,19 +12,21 @@ The aggregated delta Δ is a pseudo-gradient pointing from the base towards the 
 
 State is a list of arrays so the engine can store it as a weight frame: for each state vector (m,
 then v), one array per base array, in the base array's shape and dtype (float32 at least); a
-non-averaged (integer) base array has an empty float32 placeholder. The arithmetic is float64.
+non-averaged (integer) base array has an empty float32 placeholder. The momentum and adaptive
+arithmetic is float64 (the aggregated delta is converted one array at a time); the plain step works
+in the aggregated delta's own dtype.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
 
 from common.errors import ConfigError
-from coordinator.strategies.combiners import SCRATCH_COORDS, Combined, is_averaged
+from coordinator.strategies.combiners import CACHE_BLOCK_BYTES, Combined, is_averaged
 
 AdaptiveKind = Literal["adagrad", "adam", "yogi"]
 
@@ -82,13 +84,17 @@ class PlainStep(ServerUpdate):
             if d is None:
                 out.append(np.array(b, copy=True))
                 continue
-            new = np.empty(b.shape, dtype=b.dtype)
+            # sums in the model's dtype become the new weights: no allocation, no copy
+            new = d if d.dtype == b.dtype and d.shape == b.shape else np.empty(b.shape, dtype=b.dtype)
             flat_d, flat_b, flat_new = d.reshape(-1), np.ravel(b), new.reshape(-1)
-            for start in range(0, flat_d.size, SCRATCH_COORDS):  # one pass, blocks in the cache
-                part = flat_d[start : start + SCRATCH_COORDS]
-                part *= factor
-                part += flat_b[start : start + SCRATCH_COORDS]
-                flat_new[start : start + SCRATCH_COORDS] = part
+            step = CACHE_BLOCK_BYTES // d.itemsize
+            for start in range(0, flat_d.size, step):  # one pass, blocks in the cache
+                part = flat_d[start : start + step]
+                if factor != 1.0:
+                    part *= factor
+                part += flat_b[start : start + step]
+                if new is not d:
+                    flat_new[start : start + step] = part
             out.append(new)
         return out, state
 
@@ -173,13 +179,19 @@ class Adaptive(ServerUpdate):
         return v
 
 
-def _scaled(delta: Combined) -> list[np.ndarray | None]:
-    """The aggregated delta's arrays with its scale applied (in place)."""
-    if delta.scale != 1.0:
-        for d in delta.arrays:
-            if d is not None:
-                d *= delta.scale
-    return delta.arrays
+def _scaled(delta: Combined) -> Iterator[np.ndarray | None]:
+    """The aggregated delta's arrays in float64 with its scale applied, one at a time.
+
+    A float64 array is scaled in place; any other (float32 sums) is converted into a new float64
+    array, so the conversion holds one array's temporary at a time, not a second model.
+    """
+    for d in delta.arrays:
+        if d is None or d.dtype != np.float64:
+            yield None if d is None else np.multiply(d, delta.scale, dtype=np.float64)
+            continue
+        if delta.scale != 1.0:
+            d *= delta.scale
+        yield d
 
 
 def _state_template(base: np.ndarray) -> np.ndarray:

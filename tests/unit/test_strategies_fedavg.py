@@ -58,12 +58,12 @@ def test_validation_returns_the_norm_and_rejects_with_reasons():
             validate_delta(delta, base, count, policy)
 
 
-def test_fedavg_streams_large_arrays_with_float64_accuracy():
+def test_fedavg_streams_large_arrays_with_float64_accuracy_when_asked():
     rng = np.random.default_rng(1)
     base = [rng.standard_normal((3, 100_001)).astype(np.float32), np.zeros(5, np.float32)]
     deltas = [[rng.standard_normal(b.shape).astype(np.float32) for b in base] for _ in range(5)]
     counts = [1, 7, 30, 2, 11]
-    agg = get_strategy("fedavg").begin(base)
+    agg = get_strategy("fedavg", {"accumulate": "float64"}).begin(base)
 
     for delta, count in zip(deltas, counts, strict=True):
         agg.add(delta, count)
@@ -73,6 +73,54 @@ def test_fedavg_streams_large_arrays_with_float64_accuracy():
         mean = np.average(np.stack([d[j].astype(np.float64) for d in deltas]), axis=0, weights=counts)
         expected = (b.astype(np.float64) + mean).astype(np.float32)
         np.testing.assert_array_equal(new[j], expected)
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.01])
+def test_fedavg_float32_sums_stay_within_2_sqrt_n_ulps_of_an_exact_mean_of_1000_deltas(drift):
+    rng = np.random.default_rng(3)
+    size, n = 20_000, 1000
+    counts = rng.integers(1, 200, n)
+    agg = get_strategy("fedavg").begin([np.zeros(size, np.float32)])
+    exact, magnitude = np.zeros(size), np.zeros(size)
+
+    for count in counts:
+        delta = (drift + 0.01 * rng.standard_normal(size)).astype(np.float32)  # a common drift + noise
+        agg.add([delta], int(count))
+        exact += count * delta.astype(np.float64)
+        magnitude += count * np.abs(delta.astype(np.float64))
+    mean = agg.finish()[0]
+
+    # each coordinate within 2 sqrt(n) float32 rounding units of the deltas' weighted mean magnitude
+    # (typical error ~ sqrt(n/3) units with a common drift; the worst-case bound is n units)
+    assert mean.dtype == np.float32
+    tolerance = 2 * np.sqrt(n) * 2.0**-24 * magnitude / counts.sum()
+    assert np.all(np.abs(mean - exact / counts.sum()) <= tolerance)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
+def test_float32_and_float64_sums_agree_for_every_mean_based_strategy(name):
+    rng = np.random.default_rng(4)
+    base = [rng.standard_normal(5000).astype(np.float32), np.array([3], np.int64)]
+    deltas = [
+        [0.01 * rng.standard_normal(5000).astype(np.float32), np.array([9], np.int64)] for _ in range(9)
+    ]
+    results = {}
+
+    for accumulate in ("float32", "float64"):
+        agg = get_strategy(name, {"accumulate": accumulate, "clip": 0.5}).begin(base)
+        for i, delta in enumerate(deltas):
+            agg.add(delta, 10 + i)
+        results[accumulate] = agg.finish()
+
+    np.testing.assert_allclose(results["float32"][0], results["float64"][0], rtol=1e-6, atol=1e-7)
+    assert results["float32"][0].dtype == np.float32
+    assert results["float32"][1].tolist() == [3], "integer counters keep the base value"
+
+
+def test_accumulate_accepts_only_float32_or_float64():
+    with pytest.raises(ConfigError, match="'accumulate' must be one of float32, float64"):
+        get_strategy("fedavg", {"accumulate": "float16"})
+    assert get_strategy("fedadam").config()["options"]["accumulate"] == "float32"
 
 
 def test_fedavg_holds_at_most_one_delta():
