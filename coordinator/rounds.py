@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from common import codec
 from common.broker.topology import RELEASES_EXCHANGE, TASKS_EXCHANGE
 from common.errors import ConfigError, DecodeError, NotFoundError
+from common.faults import fault_point
 from common.messages import CancelRun, DeltaReport, StartRun, TaskFailed, TrainTask
 from coordinator.db.blobs import read_blob, write_blob, write_blobs
 from coordinator.db.engine import Database
@@ -788,6 +789,7 @@ class RoundEngine:
             if run.mode == "async":  # workers still training for this run: their deltas come too late
                 run_rounds = list(session.scalars(select(Round.id).where(Round.run_id == run.run_id)))
                 self._cancel_pending_tasks(session, run_rounds)
+        fault_point("coordinator-before-aggregation-commit")  # the transaction is not committed yet
 
 
 def staleness_weight(staleness: int) -> float:
