@@ -26,6 +26,7 @@ from common.broker.connection import backoff_delays, close_quietly, connect, url
 from common.broker.errors import translating_pika_errors
 from common.broker.message import OutgoingMessage
 from common.errors import BrokerUnreachableError
+from common.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Publisher:
             return
         for chunk, data in split_body(message.body, self.config.chunk_size):
             self._publish_one(message, data, {**headers, **chunk.to_headers()})
+            fault_point(f"publish-after-chunk-{chunk.index}")  # confirmed; the next not yet sent
         logger.debug("%s: sent %d bytes as chunks to %s", self.name, len(message.body), message.routing_key)
 
     def close(self) -> None:
