@@ -8,14 +8,18 @@ Kept free of messaging so it can be tested alone. Training uses the model's own
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from common.errors import ModelError
+from common.errors import IncompatibleModelError, ModelError
 from common.model import DynamicDLModel
+from common.model.defaults import default_keras_delta_function, default_keras_weight_copy_function
 from worker.data import LocalData
+
+_DEFAULT_DELTA_SOURCE = default_keras_delta_function.source
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,12 @@ def _accuracy(model: DynamicDLModel, data: LocalData, limit: int = 2000) -> floa
 
 
 def train(model: DynamicDLModel, data: LocalData, options: dict[str, Any] | None = None) -> TrainingResult:
-    """Learn on ``data`` from ``model`` (left unchanged) and return the delta and metrics.
+    """Learn on ``data``, in place, and return ``delta = trained - base`` and metrics.
+
+    ``model`` is trained in place (the worker builds a fresh one from the verified release for
+    every task); ``base`` is its weights on entry, kept as a copy by the model's own
+    ``weight_copy_function``. Building no second model matters: a dafne model's constructor runs
+    its ``init_model_function``, which for a large model costs more than the training.
 
     Options: ``epochs`` (default 1; each epoch is one call of the model's incremental learning),
     ``batch_size`` (default 32), ``max_samples`` (use at most this many local samples),
@@ -55,24 +64,43 @@ def train(model: DynamicDLModel, data: LocalData, options: dict[str, Any] | None
     if "max_samples" in options:
         x, y = x[: int(options["max_samples"])], y[: int(options["max_samples"])]
     local = LocalData(x, y, data.files)
-    trained = model.copy()
-    before = _accuracy(trained, local)
+    base = _weight_list(model, model.weight_copy_function)
+    before = _accuracy(model, local)
     started = time.perf_counter()
-    anchor = _weight_list(model) if mu > 0 else []
     for _ in range(max(1, epochs)):
-        trained.incremental_learn(x, y, batch_size, 1)
+        model.incremental_learn(x, y, batch_size, 1)
         if mu > 0:
-            trained.set_weights(proximal_pull(_weight_list(trained), anchor, mu))
+            model.set_weights(proximal_pull(_weight_list(model), base, mu))
     seconds = time.perf_counter() - started
-    after = _accuracy(trained, local)
-    delta_model = trained - model
-    delta = [np.asarray(w) for w in delta_model.get_weights()]
+    after = _accuracy(model, local)
+    delta = calc_delta(model, base)
     metrics = {"train_seconds": seconds, "epochs": float(epochs)}
     if mu > 0:
         metrics["proximal_mu"] = mu
     if before is not None and after is not None:
         metrics.update(local_accuracy_before=before, local_accuracy_after=after)
     return TrainingResult(delta=delta, sample_count=len(x), metrics=metrics)
+
+
+def calc_delta(trained: DynamicDLModel, base: list[np.ndarray]) -> list[np.ndarray]:
+    """``trained - base`` as a weight list, by the model's own ``calc_delta_function``.
+
+    When that function is fedmq's default (dafne-dl's arithmetic, recognised by its source text),
+    its arithmetic runs here directly: the same subtraction and checks, without the output model
+    the function builds (``get_empty_copy``, one more ``init_model_function``). Any other function
+    gets a model holding ``base`` and runs as dafne-dl would run it.
+    """
+    weights = [np.asarray(w) for w in trained.get_weights()]
+    if getattr(trained.calc_delta_function, "source", None) == _DEFAULT_DELTA_SOURCE:
+        if len(weights) != len(base):
+            raise IncompatibleModelError(f"{len(weights)} arrays against {len(base)}")
+        for depth, (left, right) in enumerate(zip(weights, base, strict=True)):
+            if left.shape != right.shape:
+                raise IncompatibleModelError(f"array {depth}: shape {left.shape} against {right.shape}")
+        return [np.subtract(left, right) for left, right in zip(weights, base, strict=True)]
+    base_model = trained.get_empty_copy()
+    base_model.set_weights(base)
+    return [np.asarray(w) for w in (trained - base_model).get_weights()]
 
 
 def proximal_pull(weights: list[np.ndarray], anchor: list[np.ndarray], mu: float) -> list[np.ndarray]:
@@ -101,11 +129,14 @@ def proximal_pull(weights: list[np.ndarray], anchor: list[np.ndarray], mu: float
     return pulled
 
 
-def _weight_list(model: DynamicDLModel) -> list[np.ndarray]:
+def _weight_list(
+    model: DynamicDLModel, copy: Callable[[Any], Any] = default_keras_weight_copy_function
+) -> list[np.ndarray]:
+    """A copy of the model's weights as a list of arrays (``copy``: the model's own copy function)."""
     weights = model.get_weights()
     if not isinstance(weights, list | tuple):
-        raise ModelError(f"model {model.model_id!r}: proximal_mu needs weights as a list of arrays")
-    return [np.array(w, copy=True) for w in weights]
+        raise ModelError(f"model {model.model_id!r}: training needs weights as a list of arrays")
+    return [np.asarray(w) for w in copy(weights)]
 
 
 def apply(model: DynamicDLModel, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -156,9 +156,9 @@ def test_training_with_proximal_mu_halves_one_epoch_drift_when_mu_is_one():
     data = LocalData(rng.random((40, 4)).astype(np.float32), rng.integers(0, 3, 40), ())
     model = make_linear_model(4, 3)
 
-    plain = train(model, data, {"epochs": 1, "batch_size": 8})
-    prox = train(model, data, {"epochs": 1, "batch_size": 8, "proximal_mu": 1.0})
-    held = train(model, data, {"epochs": 3, "batch_size": 8, "proximal_mu": 1e6})
+    plain = train(model.copy(), data, {"epochs": 1, "batch_size": 8})
+    prox = train(model.copy(), data, {"epochs": 1, "batch_size": 8, "proximal_mu": 1.0})
+    held = train(model.copy(), data, {"epochs": 3, "batch_size": 8, "proximal_mu": 1e6})
 
     for p, q in zip(plain.delta, prox.delta, strict=True):
         np.testing.assert_allclose(q, p / 2, rtol=1e-5, atol=1e-7)
