@@ -17,9 +17,10 @@ import numpy as np
 from common.errors import IncompatibleModelError, ModelError
 from common.model import DynamicDLModel
 from common.model.defaults import default_keras_delta_function, default_keras_weight_copy_function
+from common.model.source import fn_to_source
 from worker.data import LocalData
 
-_DEFAULT_DELTA_SOURCE = default_keras_delta_function.source
+_DEFAULT_DELTA_SOURCE = fn_to_source(default_keras_delta_function)
 
 
 @dataclass(frozen=True)
