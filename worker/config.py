@@ -31,6 +31,8 @@ class WorkerConfig:
     cache_dir: str | None = None
     heartbeat_s: float = 15.0
     fetch_timeout_s: float = 60.0
+    # How long a task for a newly announced version waits for its broadcast before fetching it.
+    broadcast_wait_s: float = 30.0
     amqp_heartbeat_s: int = 30
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None

@@ -148,7 +148,12 @@ class WorkerDaemon:
             return
         try:
             release = self.store.get(
-                task.model, task.version, task.weights_sha256, self._fetch, self.config.fetch_timeout_s
+                task.model,
+                task.version,
+                task.weights_sha256,
+                self._fetch,
+                self.config.fetch_timeout_s,
+                broadcast_wait_s=self.config.broadcast_wait_s,
             )
         except FedmqError as exc:  # refused, or never arrived: this task cannot be done here
             self._send(

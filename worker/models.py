@@ -98,13 +98,34 @@ class ModelStore:
             return None
 
     def get(
-        self, model: str, version: int, weights_sha256: str, fetch: Fetcher, timeout_s: float
+        self,
+        model: str,
+        version: int,
+        weights_sha256: str,
+        fetch: Fetcher,
+        timeout_s: float,
+        broadcast_wait_s: float = 0.0,
     ) -> VerifiedRelease:
-        """The verified release of ``model`` ``version``, fetching it if needed."""
+        """The verified release of ``model`` ``version``, fetching it if needed.
+
+        A version newer than every one this store holds of ``model`` is being announced: the
+        coordinator publishes a version's release before any task that names it, so its broadcast
+        is already queued for this worker. It is awaited for up to ``broadcast_wait_s`` before a
+        fetch, which would have the coordinator build and send the same release once more. Older
+        versions, and models this store has never held, are fetched at once.
+        """
         with self._arrived:
             found = self._releases.get((model, version))
         if found is None:
             found = self._from_disk(model, version)
+        if found is None and broadcast_wait_s > 0 and version > (self.latest(model) or version):
+            with self._arrived:
+                self._arrived.wait_for(lambda: (model, version) in self._releases, timeout=broadcast_wait_s)
+                found = self._releases.get((model, version))
+            if found is None:
+                logger.info(
+                    "%s v%d not broadcast within %.0f s: fetching it", model, version, broadcast_wait_s
+                )
         if found is None:
             with self._arrived:
                 self._requested.add((model, version))

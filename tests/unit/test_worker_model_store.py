@@ -1,0 +1,74 @@
+"""The worker's model store: a newly announced version is awaited from the broadcast, not fetched."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common import keyfiles
+from common.errors import FedmqError
+from tests.unit.test_worker_refuses_envelopes import MODEL, make_release
+from worker.models import ModelStore
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return keyfiles.generate_key()
+
+
+@pytest.fixture
+def store(tmp_path: Path, key: Ed25519PrivateKey) -> ModelStore:
+    return ModelStore(tmp_path / "cache", key.public_key())
+
+
+def test_a_task_for_the_next_version_waits_for_its_broadcast_instead_of_fetching(store, key):
+    store.add(make_release(key, version=1).encode())
+    v2 = make_release(key, version=2)
+    fetched: list[int] = []
+    broadcast = threading.Timer(0.3, lambda: store.add(v2.encode()))
+
+    broadcast.start()
+    found = store.get(MODEL, 2, v2.weights_sha256, lambda m, v: fetched.append(v), 5, broadcast_wait_s=10)
+
+    assert found.version == 2 and fetched == []
+
+
+def test_a_broadcast_that_does_not_come_is_fetched_after_the_wait(store, key):
+    store.add(make_release(key, version=1).encode())
+    v2 = make_release(key, version=2)
+    fetched: list[int] = []
+
+    def fetch(model: str, version: int) -> None:
+        fetched.append(version)
+        store.add(v2.encode())
+
+    found = store.get(MODEL, 2, v2.weights_sha256, fetch, 5, broadcast_wait_s=0.2)
+
+    assert found.version == 2 and fetched == [2]
+
+
+@pytest.mark.parametrize("held", [None, 3], ids=["model never held", "older version"])
+def test_an_unknown_model_or_an_older_version_is_fetched_at_once(store, key, held):
+    if held is not None:
+        store.add(make_release(key, version=held).encode())
+    v2 = make_release(key, version=2)
+    fetched: list[int] = []
+
+    def fetch(model: str, version: int) -> None:
+        fetched.append(version)
+        store.add(v2.encode())
+
+    # A wait longer than the test's timeout would be noticed: the fetch must come first.
+    found = store.get(MODEL, 2, v2.weights_sha256, fetch, 5, broadcast_wait_s=600)
+
+    assert found.version == 2 and fetched == [2]
+
+
+def test_a_release_that_never_arrives_is_an_error(store, key):
+    store.add(make_release(key, version=1).encode())
+
+    with pytest.raises(FedmqError, match="did not arrive"):
+        store.get(MODEL, 2, "0" * 64, lambda m, v: None, 0.2, broadcast_wait_s=0.2)
