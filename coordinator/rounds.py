@@ -37,6 +37,7 @@ from common.broker.topology import RELEASES_EXCHANGE, TASKS_EXCHANGE
 from common.errors import ConfigError, DecodeError, NotFoundError
 from common.faults import fault_point
 from common.messages import CancelRun, DeltaReport, StartRun, TaskFailed, TrainTask
+from coordinator.control import check_start_run
 from coordinator.db.blobs import read_blob, write_blob, write_blobs
 from coordinator.db.engine import Database
 from coordinator.db.models import Delta, Model, ModelVersion, OutboxMessage, Round, Run, Task, Worker
@@ -196,17 +197,7 @@ class RoundEngine:
 
     def start_run(self, msg: StartRun) -> bool:
         """Record a run and open its first round. False when the run id is already known."""
-        get_strategy(msg.strategy, msg.options)  # ConfigError before anything is written
-        if msg.rounds < 1 or msg.min_workers < 1 or not 0 < msg.fraction <= 1 or msg.deadline_s <= 0:
-            raise ConfigError("rounds and min_workers must be >= 1, fraction in (0, 1], deadline positive")
-        if msg.mode not in ("sync", "async"):
-            raise ConfigError(f"mode {msg.mode!r}: choose sync or async")
-        if msg.max_staleness < 0:
-            raise ConfigError("max_staleness must be >= 0")
-        if (msg.max_norm is not None and not msg.max_norm > 0) or (
-            msg.max_samples is not None and msg.max_samples < 1
-        ):
-            raise ConfigError("max_norm must be positive and max_samples at least 1")
+        check_start_run(msg)  # the CLI's own check: ConfigError before anything is written
         with self.db.session(write=True) as session:
             if session.scalar(select(Run.id).where(Run.run_id == msg.run_id)) is not None:
                 logger.info("run %s already recorded; ignoring the duplicate submission", msg.run_id)
