@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from common import codec
 from common.keyfiles import write_key_pair
@@ -14,6 +15,7 @@ from common.messages import DeltaReport, StartRun, TrainTask, decode
 from common.model.bundle import split_model
 from common.model.numpy_model import make_linear_model
 from common.settings import Settings
+from coordinator.cli.main import app
 from coordinator.db import Database, upgrade
 from coordinator.db.models import Delta, ModelVersion, OutboxMessage, Run, Task, Worker
 from coordinator.registry import KeySigner, ModelRegistry
@@ -48,11 +50,10 @@ def pending_tasks(engine: RoundEngine) -> list[TrainTask]:
     return [t for t in tasks if t.task_id in pending]
 
 
-def answer(
-    engine: RoundEngine, registry: ModelRegistry, task: TrainTask, worker: str, delta_value: float
-) -> None:
+def delta_report(registry: ModelRegistry, task: TrainTask, worker: str, delta_value: float) -> DeltaReport:
+    """``worker``'s answer to ``task``: 10 samples, ``delta_value`` in every coordinate."""
     base = registry.weights("m", task.version)
-    report = DeltaReport(
+    return DeltaReport(
         task_id=task.task_id,
         round_id=task.round_id,
         worker=worker,
@@ -62,8 +63,28 @@ def answer(
         sample_count=10,
         payload=codec.encode_weights([np.full_like(w, delta_value) for w in base]),
     )
+
+
+def answer(
+    engine: RoundEngine, registry: ModelRegistry, task: TrainTask, worker: str, delta_value: float
+) -> None:
+    """Record the delta and advance its round, as the coordinator does after each batch of results."""
+    report = delta_report(registry, task, worker, delta_value)
     assert engine.record_delta(report, worker).status == "accepted"
     engine.advance(task.round_id)
+
+
+def pending_task_of(engine: RoundEngine, worker: str) -> TrainTask:
+    with engine.db.session() as s:
+        mine = set(
+            s.scalars(
+                select(Task.task_id)
+                .join(Worker, Task.worker_id == Worker.id)
+                .where(Worker.name == worker, Task.state == "pending")
+            )
+        )
+    (task,) = [t for t in pending_tasks(engine) if t.task_id in mine]
+    return task
 
 
 def test_fedadam_state_is_carried_from_round_to_round_in_sql(engine):
@@ -203,3 +224,65 @@ def test_async_deltas_committed_together_fill_one_buffer_at_a_time(engine):
         assert versions[2].metrics["deltas"] == 2 and versions[3].metrics["deltas"] == 2
         waiting = list(s.scalars(select(Delta).where(Delta.status == "accepted")))
     assert len(waiting) == 1 and waiting[0].metrics["staleness"] == 2
+
+
+def test_async_deltas_weigh_their_sample_count_by_one_over_sqrt_of_one_plus_their_staleness(engine):
+    # Prepare: three workers on an async run aggregating every 2 deltas; a and b answer first, so
+    # version 2 is made while c still trains version 1.
+    engine, registry = engine
+    with engine.db.session(write=True) as s:
+        s.add(Worker(name="c", status="active"))
+    engine.start_run(
+        StartRun(
+            run_id="w", model="m", rounds=2, min_workers=2, deadline_s=60.0, mode="async", max_staleness=5
+        )
+    )
+    answer(engine, registry, pending_task_of(engine, "a"), "a", 0.2)
+    answer(engine, registry, pending_task_of(engine, "b"), "b", 0.2)
+    stale, fresh = pending_task_of(engine, "c"), pending_task_of(engine, "b")
+    assert (stale.version, fresh.version) == (1, 2)
+
+    # Execute: c's delta (1.0, trained on version 1: staleness 1) and b's (0.0, on version 2) fill
+    # the second buffer, 10 samples each.
+    answer(engine, registry, stale, "c", 1.0)
+    answer(engine, registry, fresh, "b", 0.0)
+
+    # Assert: version 3 = version 2 + (10/sqrt(2) * 1.0 + 10 * 0.0) / (10/sqrt(2) + 10) = 1/(1 + sqrt 2),
+    # where equal weights would have given 0.5.
+    expected_step = 1.0 / (1.0 + np.sqrt(2.0))
+    for v3, v2 in zip(registry.weights("m", 3), registry.weights("m", 2), strict=True):
+        np.testing.assert_allclose(v3 - v2, expected_step, atol=1e-6)
+    with engine.db.session() as s:
+        v3_row = s.scalar(select(ModelVersion).where(ModelVersion.version == 3))
+        staleness = sorted(
+            d.metrics["staleness"] for d in s.scalars(select(Delta).where(Delta.round_id == v3_row.round_id))
+        )
+        assert s.scalar(select(Run.state).where(Run.run_id == "w")) == "completed"
+    assert staleness == [0, 1]
+
+
+def test_an_async_delta_staler_than_max_staleness_is_rejected_and_rounds_show_says_why(
+    engine, database_url: str
+):
+    # Prepare: buffers of one delta, no staleness allowed; a's delta makes version 2 while b trains version 1.
+    engine, registry = engine
+    engine.start_run(
+        StartRun(
+            run_id="s", model="m", rounds=3, min_workers=1, deadline_s=60.0, mode="async", max_staleness=0
+        )
+    )
+    late = pending_task_of(engine, "b")
+    answer(engine, registry, pending_task_of(engine, "a"), "a", 0.1)
+
+    # Execute
+    outcome = engine.record_delta(delta_report(registry, late, "b", 0.1), "b")
+    shown = CliRunner().invoke(
+        app, ["rounds", "show", "s"], env={"FEDMQ_DATABASE_URL": database_url, "COLUMNS": "250"}
+    )
+
+    # Assert: rejected, not aggregated into anything, and the reason is in the run's table.
+    assert outcome.status == "rejected"
+    assert outcome.reason == "staleness 1 exceeds the run's maximum of 0"
+    assert shown.exit_code == 0, shown.output
+    assert "b: staleness 1 exceeds the run's maximum of 0" in shown.output
+    assert [v.version for v in registry.versions("m")] == [1, 2]
