@@ -10,6 +10,14 @@ a directory whose node is already running returns the running node.
 Run as root, Debian's wrapper scripts switch to the ``rabbitmq`` user, so the directory is chowned to
 that user; run as another user, the server scripts are called directly. A missing ``rabbitmq-server``
 is a :class:`~common.errors.DevBrokerError` naming the Debian package to install.
+
+File handles: RabbitMQ 3.10 budgets its file handles from the soft ``RLIMIT_NOFILE`` (1024 gives
+about 927), and quorum queues and AMQP connections draw from that budget. Debian's wrapper switches
+to the ``rabbitmq`` user through ``su``, whose PAM session resets the soft limit to 1024: with about
+100 workers (four quorum queues each) the budget runs out and the node stops completing AMQP
+handshakes. Every node started here gets an env file (:data:`ENV_FILE`, named by
+``RABBITMQ_CONF_ENV_FILE`` and sourced by RabbitMQ's scripts as the node's user) that raises the soft
+limit to the hard one.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from common.errors import DevBrokerError
 logger = logging.getLogger(__name__)
 
 NODE_FILE = "node.json"
+ENV_FILE = "rabbitmq-env.conf"
+# Sourced by RabbitMQ's start scripts (POSIX sh) after `su`: the soft open-files limit up to the hard one.
+RAISE_FILE_LIMIT = 'ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true\n'
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _SBIN = Path("/usr/sbin")
 _LIBBIN = Path("/usr/lib/rabbitmq/bin")
@@ -105,6 +116,7 @@ def _node_env(node: DevNode) -> dict[str, str]:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "mnesia" / "plugins"),
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
             "RABBITMQ_PID_FILE": str(base / "mnesia" / "node.pid"),
+            "RABBITMQ_CONF_ENV_FILE": str(base / ENV_FILE),
         }
     )
     return env
@@ -132,6 +144,7 @@ def _write_layout(node: DevNode, tls: TlsFiles | None) -> None:
     if tls is not None:
         conf += _tls_config(node, tls)
     (base / "rabbitmq.conf").write_text(conf)
+    (base / ENV_FILE).write_text(RAISE_FILE_LIMIT)
     plugins = base / "mnesia" / "plugins"
     if not plugins.exists():
         plugins.write_text("[].\n")

@@ -1,7 +1,13 @@
-"""`fedmq dev broker start|status|stop` drives a private RabbitMQ node and prints the URL to use."""
+"""`fedmq dev broker start|status|stop` drives a private RabbitMQ node and prints the URL to use.
+
+Every node common/devbroker.py starts (this one, the suite's, the demo's and the benches') may open
+more than the 1,024 files Debian's start script leaves it (``su`` resets the soft limit): RabbitMQ
+reports its file-handle budget in ``rabbitmqctl status``.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 
@@ -10,10 +16,22 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from common import devbroker
 from coordinator.cli import dev
 from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
+
+
+def file_handle_limit(node: devbroker.DevNode) -> int:
+    """How many file handles the running node allows itself (from its soft RLIMIT_NOFILE)."""
+    status = json.loads(devbroker.rabbitmqctl(node, "status", "--formatter", "json"))
+    return int(status["file_descriptors"]["total_limit"])
+
+
+def test_the_suites_node_may_open_more_than_1024_files(rabbitmq):
+    # Debian's script alone gives 927 ("Limiting to approx 927 file handles"); ~100 workers need more.
+    assert file_handle_limit(rabbitmq.node) > 1024
 
 
 @pytest.fixture
@@ -35,6 +53,8 @@ def test_dev_broker_start_status_stop(fedmq):
         url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
         assert f"FEDMQ_AMQP_URL={url}" in started.output
         pika.BlockingConnection(pika.URLParameters(url)).close()
+        node = devbroker.status(directory)
+        assert node is not None and file_handle_limit(node) > 1024
 
         status = runner.invoke(fedmq, ["dev", "broker", "status", "--dir", directory])
         assert status.exit_code == 0 and url in status.output

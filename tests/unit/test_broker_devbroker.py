@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from common import devbroker
@@ -28,3 +32,30 @@ def test_node_urls_point_at_loopback():
     assert node.amqp_url == "amqp://guest:guest@127.0.0.1:5000/%2F"
     assert node.amqps_url == "amqps://guest:guest@127.0.0.1:5002/%2F"
     assert devbroker.DevNode("/x", "n@localhost", 5000, 5001).amqps_url is None
+
+
+def test_every_node_gets_an_env_file_that_raises_its_open_files_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(devbroker, "_running_as_root", lambda: False)  # no chown to the rabbitmq user
+    node = devbroker.DevNode(directory=str(tmp_path), nodename="n@localhost", port=5000, dist_port=5001)
+
+    devbroker._write_layout(node, None)  # what start() writes before it runs rabbitmq-server
+    env = devbroker._node_env(node)  # the environment of rabbitmq-server and rabbitmqctl
+
+    env_file = Path(env["RABBITMQ_CONF_ENV_FILE"])
+    assert env_file == tmp_path / devbroker.ENV_FILE and env_file.is_file()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def as_after_su() -> None:  # the soft limit su's PAM session leaves
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+    # RabbitMQ's rabbitmq-env sources the file like this, in sh, as the node's user.
+    shell = subprocess.run(
+        ["sh", "-c", '. "$RABBITMQ_CONF_ENV_FILE"; ulimit -n'],
+        env=env,
+        preexec_fn=as_after_su,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shell.stdout.strip() == (str(hard) if hard != resource.RLIM_INFINITY else "65536")
+    assert int(shell.stdout) > 1024
