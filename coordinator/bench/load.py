@@ -17,11 +17,13 @@ p99 round latency (each round's ``created_at`` to ``closed_at``; p99 interpolate
 the coordinator's peak memory (``VmHWM`` of its process, read before it stops); messages in the
 dead-letter queues and messages left in task, results and control queues (asked of each queue).
 
-Exactly-once oracle, from SQL and what the workers report: every task of the run and every task
-whose delta a worker had confirmed must be answered by exactly one accepted delta, aggregated in
-its round's version; each version must count exactly the deltas aggregated into it (its
-``deltas`` metric) and equal FedAvg recomputed from them. A task without such a delta is *lost*; a
-second delta row for a task, or a version counting more deltas than it has, is *duplicated*.
+Exactly-once oracle: :func:`coordinator.audit.audit_rounds` (the same audit every fault test ends
+with) over the run, given the tasks whose delta the broker confirmed to a simulated worker. A
+delta no version counts (or a confirmed one that never reached SQL) is *lost*, one counted twice
+*duplicated*, a version that is not FedAvg of its deltas *mismatched*, a version that is not whole
+or not one per closed round a *bad version*. The bench also expects every task of the run to end
+in a version (quorum is every worker): a task left unanswered, or a delta left pending or dropped
+with a failed round, counts as lost here.
 
 Target (issue 6): zero lost, zero duplicated, zero dead-lettered. A missed target does not fail the
 command, but a lost or duplicated delta (or a version that is not FedAvg of its deltas) breaks the
@@ -30,32 +32,31 @@ design's invariant: the CLI then exits 1.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pika
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from common import codec
 from common.broker.topology import fedmq_topology, with_dead_letter_queues, worker_release_queue
 from common.messages import StartRun
 from common.model.numpy_model import make_linear_model
+from coordinator.audit import audit_rounds
 from coordinator.bench.deploy import BenchDeployment, sigterm_as_interrupt
 from coordinator.bench.simulated_workers import Layout, Simulators
 from coordinator.control import new_id, submit
 from coordinator.db import Database
 from coordinator.db.blobs import read_blob
-from coordinator.db.models import Delta, ModelVersion, OutboxMessage, Round, Run, Task
+from coordinator.db.models import Delta, ModelVersion, OutboxMessage, Round, Run
 from coordinator.workers import add_workers
 
 logger = logging.getLogger(__name__)
@@ -93,36 +94,13 @@ class LoadBenchResult:
     lost: int
     duplicated: int
     rounds_mismatched: int  # versions that are not FedAvg of the deltas they count
+    bad_versions: int  # versions not whole, or not one per closed round
     oracle_ok: bool
     target_met: bool
     worker_errors: list[str] = field(default_factory=list)
     queues_not_empty: dict[str, int] = field(default_factory=dict)  # ready messages at the end
+    oracle_problems: list[str] = field(default_factory=list)  # what the audit found (first 20)
     load_average: float = 0.0
-
-
-@contextlib.contextmanager
-def node_file_limit(directory: Path) -> Iterator[None]:
-    """Let a RabbitMQ node started inside open files up to its hard limit.
-
-    RabbitMQ 3.10 budgets its file handles from the soft ``RLIMIT_NOFILE`` (1024 gives 927), and
-    quorum queues and AMQP connections draw from that budget. Debian's start script switches to the
-    ``rabbitmq`` user through ``su``, whose PAM session resets the soft limit to 1024: with about 100
-    workers (four quorum queues each) the budget runs out and the node stops completing AMQP
-    handshakes. The node's env file (``RABBITMQ_CONF_ENV_FILE``, sourced by its start script as the
-    node's user) raises the limit.
-    """
-    env_file = directory / "rabbitmq-env.conf"
-    env_file.write_text('ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true\n')
-    env_file.chmod(0o644)
-    previous = os.environ.get("RABBITMQ_CONF_ENV_FILE")
-    os.environ["RABBITMQ_CONF_ENV_FILE"] = str(env_file)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("RABBITMQ_CONF_ENV_FILE", None)
-        else:
-            os.environ["RABBITMQ_CONF_ENV_FILE"] = previous
 
 
 def peak_memory_mb(pid: int) -> float:
@@ -162,65 +140,6 @@ def base_layout(db: Database) -> Layout:
     return [(list(w.shape), str(w.dtype)) for w in weights]
 
 
-@dataclass(frozen=True)
-class Oracle:
-    tasks: int
-    accepted: int
-    rejected: int
-    lost: int
-    duplicated: int
-    rounds_mismatched: int
-
-
-def exactly_once(db: Database, run_id: str, confirmed: set[str]) -> Oracle:
-    """Check every delta counted exactly once (see the module docstring)."""
-    with db.session() as session:
-        rounds = list(session.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.number)))
-        round_ids = [r.id for r in rounds]
-        task_ids = set(session.scalars(select(Task.task_id).where(Task.round_id.in_(round_ids))))
-        deltas = list(session.scalars(select(Delta).where(Delta.round_id.in_(round_ids))))
-        accepted = [d for d in deltas if d.status in ACCEPTED]
-        per_task = Counter(d.task_id for d in accepted)
-        duplicated = sum(n - 1 for n in per_task.values() if n > 1)
-        counted: set[str] = set()
-        lost_in_rounds, mismatched = 0, 0
-        for round_ in rounds:
-            version = (
-                session.get(ModelVersion, round_.result_version_id) if round_.result_version_id else None
-            )
-            rows = [d for d in accepted if d.round_id == round_.id and d.status == "aggregated"]
-            if round_.state != "closed" or version is None:
-                continue
-            in_version = int((version.metrics or {}).get("deltas", 0))
-            duplicated += max(0, in_version - len(rows))
-            lost_in_rounds += max(0, len(rows) - in_version)
-            counted.update(d.task_id for d in rows if d.task_id is not None)
-            if not _is_fedavg(session, round_, version, rows):
-                mismatched += 1
-    lost = len((task_ids | confirmed) - counted) + lost_in_rounds
-    rejected = sum(1 for d in deltas if d.status == "rejected")
-    return Oracle(len(task_ids), len(accepted), rejected, lost, duplicated, mismatched)
-
-
-def _is_fedavg(session: Session, round_: Round, version: ModelVersion, rows: list[Delta]) -> bool:
-    """Is ``version`` the base plus the sample-weighted mean of ``rows``' deltas (float64 check)?"""
-    total = sum(d.sample_count for d in rows)
-    base_row = session.get(ModelVersion, round_.base_version_id)
-    if not rows or total <= 0 or base_row is None:
-        return False
-    base = codec.decode_weights(read_blob(session, base_row.weights_blob_id))
-    new = codec.decode_weights(read_blob(session, version.weights_blob_id))
-    sums = [np.zeros(b.shape, np.float64) for b in base]
-    for d in rows:
-        assert d.weights_blob_id is not None
-        for s, w in zip(sums, codec.decode_weights(read_blob(session, d.weights_blob_id)), strict=True):
-            s += d.sample_count * w.astype(np.float64)
-    return all(
-        np.allclose(n.astype(np.float64), b.astype(np.float64) + s / total, rtol=0, atol=1e-5)
-        for n, b, s in zip(new, base, sums, strict=True)
-    )
-
-
 def round_figures(db: Database, run_id: str) -> tuple[str, list[float], float]:
     """(run state, each closed round's latency, accepted deltas per second over the run)."""
     with db.session() as session:
@@ -253,8 +172,7 @@ def run_load_benchmark(
         base = workdir or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, 0o755)  # the RabbitMQ node runs as its own user below it
-        with node_file_limit(base):
-            dep = BenchDeployment.start(base / "fedmq")
+        dep = BenchDeployment.start(base / "fedmq")  # its node opens files up to the hard limit
         with dep:
             dep.register(MODEL, make_linear_model(*MODEL_SHAPE, model_id=MODEL))
             progress(f"adding {workers} workers (one definitions import for their broker users)")
@@ -275,10 +193,12 @@ def run_load_benchmark(
             confirmed = [t for r in reports for t in r["confirmed"]]
             with dep.database() as db:
                 state, latencies, per_s = round_figures(db, run_id)
-                oracle = exactly_once(db, run_id, set(confirmed))
+                audit = audit_rounds(db, [run_id], set(confirmed))
     received = Counter(t for r in reports for t in r["received"])
     dead_lettered = sum(n for q, n in depths.items() if q.endswith(".dlq"))
-    lost_or_duplicated = oracle.lost + oracle.duplicated + oracle.rounds_mismatched
+    # Quorum is every worker: a task that ended in no version is lost for this bench.
+    lost = audit.lost + audit.unanswered + audit.pending + audit.dropped
+    oracle_ok = audit.ok and lost == 0
     return LoadBenchResult(
         run_id=run_id,
         workers=workers,
@@ -286,11 +206,11 @@ def run_load_benchmark(
         processes=len(range(0, workers, per_process)),
         setup_s=setup_s,
         run_state=state,
-        tasks=oracle.tasks,
+        tasks=audit.tasks,
         publishes_confirmed=len(confirmed),
         deltas_confirmed=len(set(confirmed)),
-        deltas_accepted=oracle.accepted,
-        deltas_rejected=oracle.rejected,
+        deltas_accepted=audit.accepted,
+        deltas_rejected=audit.rejected,
         deltas_per_s=per_s,
         round_latency_s=latencies,
         p50_round_s=statistics.median(latencies) if latencies else float("nan"),
@@ -300,11 +220,13 @@ def run_load_benchmark(
         messages_left=sum(depths.values()) - dead_lettered,
         queues_not_empty=depths,
         redelivered_tasks=sum(1 for n in received.values() if n > 1),
-        lost=oracle.lost,
-        duplicated=oracle.duplicated,
-        rounds_mismatched=oracle.rounds_mismatched,
-        oracle_ok=lost_or_duplicated == 0,
-        target_met=lost_or_duplicated == 0 and dead_lettered == 0 and state == "completed",
+        lost=lost,
+        duplicated=audit.duplicated,
+        rounds_mismatched=audit.not_fedavg,
+        bad_versions=audit.bad_versions,
+        oracle_problems=list(audit.problems[:20]),
+        oracle_ok=oracle_ok,
+        target_met=oracle_ok and dead_lettered == 0 and state == "completed",
         worker_errors=[r["error"] for r in reports if r["error"]],
         load_average=os.getloadavg()[0],
     )

@@ -249,6 +249,7 @@ def _load_rows(r: LoadBenchResult) -> list[tuple[str, str, str]]:
         ("lost", count(r.lost), "tasks or confirmed deltas no version counted"),
         ("duplicated", count(r.duplicated), "deltas counted more than once"),
         ("versions not FedAvg of their deltas", count(r.rounds_mismatched), "recomputed in float64"),
+        ("bad versions", count(r.bad_versions), "not whole, or not one per closed round"),
         ("load average", f"{r.load_average:.1f}", "1 min, at the end; other work skews the figures"),
     ]
 

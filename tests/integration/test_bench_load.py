@@ -32,7 +32,8 @@ from common.broker.topology import (
 )
 from common.devbroker import rabbitmqctl
 from common.settings import Settings
-from coordinator.bench.load import exactly_once, queue_depths
+from coordinator.audit import audit_rounds
+from coordinator.bench.load import queue_depths
 from coordinator.cli.main import app
 from coordinator.db import Database
 from coordinator.db.models import Delta, ModelVersion, Round
@@ -80,7 +81,14 @@ def test_every_delta_is_counted_exactly_once(figures: dict[str, Any]) -> None:
     assert figures["tasks"] == WORKERS * ROUNDS
     assert figures["deltas_confirmed"] == figures["deltas_accepted"] == WORKERS * ROUNDS
     assert figures["deltas_rejected"] == 0
-    assert figures["lost"] == figures["duplicated"] == figures["rounds_mismatched"] == 0
+    assert (
+        figures["lost"]
+        == figures["duplicated"]
+        == figures["rounds_mismatched"]
+        == figures["bad_versions"]
+        == 0
+    )
+    assert figures["oracle_problems"] == []
     assert figures["dead_lettered"] == figures["messages_left"] == 0
     assert figures["oracle_ok"] is True and figures["target_met"] is True
 
@@ -102,9 +110,9 @@ def _confirmed(db: Database, run_id: str) -> set[str]:
 def test_the_oracle_notices_a_lost_delta(figures: dict[str, Any], db: Database) -> None:
     confirmed = _confirmed(db, figures["run_id"])
 
-    oracle = exactly_once(db, figures["run_id"], confirmed | {uuid.uuid4().hex})
+    audit = audit_rounds(db, [figures["run_id"]], confirmed | {uuid.uuid4().hex})
 
-    assert oracle.lost == 1 and oracle.duplicated == 0
+    assert audit.lost == 1 and audit.duplicated == 0
 
 
 def test_the_oracle_notices_a_version_counting_a_delta_twice(figures: dict[str, Any], db: Database) -> None:
@@ -115,9 +123,9 @@ def test_the_oracle_notices_a_version_counting_a_delta_twice(figures: dict[str, 
         metrics = {**version.metrics, "deltas": version.metrics["deltas"] + 1}
         session.execute(update(ModelVersion).where(ModelVersion.id == version.id).values(metrics=metrics))
 
-    oracle = exactly_once(db, figures["run_id"], _confirmed(db, figures["run_id"]))
+    audit = audit_rounds(db, [figures["run_id"]], _confirmed(db, figures["run_id"]))
 
-    assert oracle.duplicated == 1 and oracle.lost == 0
+    assert audit.duplicated == 1 and audit.lost == 0
 
 
 def test_the_oracle_notices_a_version_that_is_not_fedavg_of_its_deltas(
@@ -128,9 +136,9 @@ def test_the_oracle_notices_a_version_that_is_not_fedavg_of_its_deltas(
         assert delta is not None
         delta.sample_count *= 3  # as if it had been added three times
 
-    oracle = exactly_once(db, figures["run_id"], _confirmed(db, figures["run_id"]))
+    audit = audit_rounds(db, [figures["run_id"]], _confirmed(db, figures["run_id"]))
 
-    assert oracle.rounds_mismatched == 1
+    assert audit.not_fedavg == 1
 
 
 def test_one_import_gives_each_worker_user_its_least_privilege(rabbitmq: Any) -> None:
