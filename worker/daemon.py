@@ -15,8 +15,9 @@ model code crashes is retried by the broker layer and dead-lettered after the de
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+import os
+import sys
 import threading
 import time
 import uuid
@@ -53,26 +54,31 @@ from worker.models import ModelStore
 logger = logging.getLogger(__name__)
 
 
+def prepare_devices() -> None:
+    """Before any model code runs: if a model loads TensorFlow, it grows GPU memory as needed
+    (``TF_FORCE_GPU_ALLOW_GROWTH``, read by TensorFlow when it initialises its GPUs), so several
+    workers or other programs can share a GPU. TensorFlow itself is not imported here."""
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
+
 def device_info() -> dict[str, object]:
-    """What the worker trains on: GPUs TensorFlow sees (memory growth on), else the CPU.
+    """What the worker trains on: the GPUs TensorFlow sees, else the CPU.
 
-    Called before the first model is built (TensorFlow fixes its devices when it first uses them);
-    a worker that only runs numpy models never imports TensorFlow.
+    TensorFlow is asked only once model code has imported it: a worker that runs numpy models
+    never imports it (importing it costs seconds and a large share of memory).
     """
-    info: dict[str, object] = {"device": "cpu"}
-    if importlib.util.find_spec("tensorflow") is None:
-        return info
-    import tensorflow as tf
-
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return {"device": "cpu"}
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised
+        except RuntimeError:  # already initialised: TF_FORCE_GPU_ALLOW_GROWTH applied then
             pass
     if gpus:
-        info = {"device": "gpu", "gpus": [g.name for g in gpus]}
-    return info
+        return {"device": "gpu", "gpus": [g.name for g in gpus]}
+    return {"device": "cpu", "framework": "tensorflow"}
 
 
 class WorkerDaemon:
@@ -83,17 +89,18 @@ class WorkerDaemon:
         self.store = ModelStore(config.cache_path(), config.public_key())
         self.ready = threading.Event()
         self.tasks_done = 0
-        self.info: dict[str, object] = {"device": "not yet chosen"}
+        self.info: dict[str, object] = {"device": "cpu"}
         broker_config = getattr(broker, "config", None)
         self.max_attempts = int(getattr(broker_config, "max_delivery_attempts", 5))
-        self._device_chosen = False
+        prepare_devices()
 
     def _load(self, release: VerifiedRelease) -> DynamicDLModel:
-        if not self._device_chosen:
-            self.info = device_info()
-            self._device_chosen = True
-            logger.info("worker %s trains on %s", self.config.name, self.info["device"])
-        return self.store.load(release)
+        model = self.store.load(release)
+        info = device_info()
+        if info != self.info:
+            self.info = info
+            logger.info("worker %s trains on %s", self.config.name, info)
+        return model
 
     # ------------------------------------------------------------------------- publishing
 
