@@ -44,6 +44,7 @@ class ModelStore:
         self._latest: dict[str, int] = {}
         self._requested: set[tuple[str, int]] = set()
         self._arrived = threading.Condition()
+        self._built: dict[str, tuple[str, DynamicDLModel]] = {}  # model -> (code sha256, model)
 
     def _path(self, model: str, version: int) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
@@ -145,5 +146,21 @@ class ModelStore:
         return found
 
     def load(self, release: VerifiedRelease) -> DynamicDLModel:
-        """Compile the verified code and set the verified weights."""
-        return join_model(release.code, release.weights)
+        """The model of a verified release: its code compiled, the version's weights set.
+
+        The model built from one code (same model, same code sha256) is kept and reused for its
+        later versions: building runs the model's ``init_model_function`` (a Keras model is
+        constructed, a large model's initial weights drawn), which can cost more than a task's
+        training, while every version carries all its weights and :meth:`load` sets all of them.
+        What a model keeps besides its weights (e.g. a Keras optimizer's slots) carries over from
+        task to task, as in a long-lived client. The worker runs one task at a time, so one model
+        per code is never used by two tasks at once.
+        """
+        code_sha256, built = self._built.get(release.model, ("", None))
+        if built is None or code_sha256 != release.code_sha256:
+            built = join_model(release.code, release.weights)
+            self._built[release.model] = (release.code_sha256, built)  # one model per name
+        else:
+            built.set_weights(release.weights)
+            built.reset_timestamp()
+        return built

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -72,3 +73,35 @@ def test_a_release_that_never_arrives_is_an_error(store, key):
 
     with pytest.raises(FedmqError, match="did not arrive"):
         store.get(MODEL, 2, "0" * 64, lambda m, v: None, 0.2, broadcast_wait_s=0.2)
+
+
+def test_a_model_is_built_once_per_code_and_each_load_sets_all_of_the_versions_weights(
+    store, key, monkeypatch
+):
+    from common.model import DynamicDLModel
+
+    inits: list[int] = []
+    original = DynamicDLModel.init_model
+    monkeypatch.setattr(DynamicDLModel, "init_model", lambda self: (inits.append(1), original(self))[1])
+    v1 = store.add(make_release(key, version=1).encode())
+    v2 = store.add(make_release(key, version=2).encode())
+    inits.clear()  # making the releases built models
+
+    first = store.load(v1)
+    first.set_weights([w * 0 + 99 for w in first.get_weights()])  # what training leaves behind
+    second = store.load(v2)
+
+    assert len(inits) == 1 and second is first
+    for got, want in zip(second.get_weights(), v2.weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len(inits) == 1
+
+
+def test_a_new_code_for_the_same_model_builds_a_new_model(store, key):
+    v1 = store.add(make_release(key, version=1).encode())
+    v2 = store.add(make_release(key, version=2, learning_rate=0.5).encode())  # other metadata: other code
+
+    first, second = store.load(v1), store.load(v2)
+
+    assert v1.code_sha256 != v2.code_sha256 and second is not first
+    assert second.metadata["learning_rate"] == 0.5
