@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import FedmqError
+from coordinator.strategies.combiners import is_averaged, l2_norm
 
 
 class DeltaRejectedError(FedmqError):
@@ -46,19 +47,19 @@ def validate_delta(
         raise DeltaRejectedError(f"sample count {sample_count} is not positive")
     if sample_count > policy.max_sample_count:
         raise DeltaRejectedError(f"sample count {sample_count} exceeds the cap of {policy.max_sample_count}")
-    squares = 0.0
     for i, (d, b) in enumerate(zip(delta, base, strict=True)):
         if d.shape != b.shape or d.dtype != b.dtype:
             raise DeltaRejectedError(
                 f"array {i}: {d.dtype} {d.shape}, the base version has {b.dtype} {b.shape}"
             )
-        if np.issubdtype(d.dtype, np.floating):
-            if not np.isfinite(d).all():
+    # One blockwise pass (float64 sums, no copy of the delta); a NaN or an infinity makes it
+    # non-finite, and only then are the arrays searched for the reason.
+    norm = l2_norm(delta)
+    if not math.isfinite(norm):
+        for i, d in enumerate(delta):
+            if is_averaged(d) and not np.isfinite(d).all():
                 raise DeltaRejectedError(f"array {i}: holds NaN or infinite values")
-            squares += float(
-                np.dot(d.ravel().astype(np.float64, copy=False), d.ravel().astype(np.float64, copy=False))
-            )
-    norm = math.sqrt(squares)
+        raise DeltaRejectedError("L2 norm overflows float64")
     if policy.max_norm is not None and norm > policy.max_norm:
         raise DeltaRejectedError(f"L2 norm {norm:.4g} exceeds the bound {policy.max_norm:.4g}")
     return norm
