@@ -557,7 +557,8 @@ class RoundEngine:
         if cached is None:
             version = session.get(ModelVersion, round_.base_version_id)
             assert version is not None
-            cached = codec.decode_weights(read_blob(session, version.weights_blob_id))
+            frame = self.registry.frames.read(session, version.weights_blob_id, version.weights_sha256)
+            cached = codec.decode_weights(frame)
             self._base_cache.clear()  # keep one base in memory: rounds of one run share it
             self._base_cache[round_.base_version_id] = cached
         return cached

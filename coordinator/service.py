@@ -41,7 +41,6 @@ from common.messages import (
 )
 from common.release import build_release
 from coordinator import jobs
-from coordinator.db.blobs import read_blob
 from coordinator.db.engine import Database
 from coordinator.db.models import Model, ModelVersion, Worker
 from coordinator.outbox import OutboxRelay
@@ -87,7 +86,7 @@ class Coordinator:
             )
             if ver is None:
                 raise NotFoundError(f"model {model!r} has no version {version}")
-            frame = read_blob(session, ver.weights_blob_id)
+            frame = self.registry.frames.read(session, ver.weights_blob_id, ver.weights_sha256)
             return build_release(
                 model, version, row.code_envelope, ver.signature, frame, row.code_sha256, ver.weights_sha256
             ).encode()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from sqlalchemy import delete, insert, select
@@ -131,6 +133,41 @@ def read_blob(session: Session, blob_id: int) -> memoryview:
     if offset != blob.size or digest.hexdigest() != blob.sha256:
         raise StorageError(f"stored weights {blob_id} are damaged: content does not match its sha256")
     return memoryview(buffer).toreadonly()
+
+
+class BlobCache:
+    """The few large blobs read or written last, in memory, by their sha256.
+
+    Content-addressed, so a cached blob is right for every row naming that sha256, committed or
+    not, on any connection: a version the round engine just stored is the next round's base, the
+    release the relay publishes and what a fetch asks for, and each of them reads it from here
+    instead of from SQL. At most ``capacity`` blobs are kept (least recently used dropped first).
+    Thread-safe.
+    """
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._blobs: OrderedDict[str, memoryview] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, sha256: str, data: bytes | memoryview) -> memoryview:
+        """Keep ``data`` (whose sha256 the caller computed) as a read-only view; return it."""
+        view = memoryview(data).toreadonly()
+        with self._lock:
+            self._blobs[sha256] = view
+            self._blobs.move_to_end(sha256)
+            while len(self._blobs) > self.capacity:
+                self._blobs.popitem(last=False)
+        return view
+
+    def read(self, session: Session, blob_id: int, sha256: str) -> memoryview:
+        """Blob ``blob_id`` (of content ``sha256``) from memory, else :func:`read_blob` (then kept)."""
+        with self._lock:
+            hit = self._blobs.get(sha256)
+            if hit is not None:
+                self._blobs.move_to_end(sha256)
+                return hit
+        return self.put(sha256, read_blob(session, blob_id))
 
 
 def delete_blobs(session: Session, blob_ids: set[int]) -> None:

@@ -43,7 +43,7 @@ from common.errors import (
 )
 from common.model.bundle import ModelCode
 from common.release import version_manifest
-from coordinator.db.blobs import delete_blobs, read_blob, write_blob
+from coordinator.db.blobs import BlobCache, delete_blobs, read_blob, write_blob
 from coordinator.db.engine import Database
 from coordinator.db.models import (
     VERSION_ACTIVE,
@@ -84,6 +84,9 @@ class ModelRegistry:
     def __init__(self, db: Database, signer: Signer) -> None:
         self.db = db
         self.signer = signer
+        # Weight frames of the versions stored or read last (see BlobCache): the round engine's
+        # next base and the release the coordinator publishes come from here.
+        self.frames = BlobCache()
 
     # ------------------------------------------------------------------------------------ writing
 
@@ -412,8 +415,9 @@ class ModelRegistry:
         timestamp_id: int | None = None,
         note: str | None = None,
     ) -> ModelVersion:
-        frame = layout_frame(weights)
-        blob = write_blob(session, frame.parts)
+        frame = b"".join(layout_frame(weights).parts)
+        blob = write_blob(session, frame)
+        self.frames.put(blob.sha256, frame)  # the next round's base and the release read it
         count, params, layout = layout_of(weights)
         number = self._latest_number(session, model) + 1
         manifest = version_manifest(

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 from common.errors import (
     AlreadyExistsError,
@@ -250,3 +250,23 @@ def test_a_committed_sqlite_version_survives_kill_9(tmp_path):
     registry = ModelRegistry(Database.from_settings(Settings(database_url=url)), KeySigner(generate_key()))
     assert registry.version("digits").version == 2
     assert np.array_equal(registry.weights("digits", 2)[1], weights(1)[1])
+
+
+def test_a_stored_versions_frame_is_served_from_memory_and_read_from_sql_when_not_held(db, registry):
+    from coordinator.db.blobs import BlobCache
+
+    info = registry.register("linear", CODE, weights(0))
+    with db.session() as session:
+        row = session.scalar(select(ModelVersion).where(ModelVersion.version == info.version))
+        blob_id, sha = row.weights_blob_id, row.weights_sha256
+    held = registry.frames.read(None, blob_id, sha)  # type: ignore[arg-type]  # no SQL on a hit
+    fresh = BlobCache(capacity=1)
+
+    with db.session() as session:
+        from_sql = fresh.read(session, blob_id, sha)
+    fresh.put("0" * 64, b"other")  # the capacity is one blob: the first is dropped
+
+    assert bytes(held) == bytes(from_sql) == bytes(registry.weights_frame("linear", info.version))
+    assert held.readonly and from_sql.readonly
+    with pytest.raises(AttributeError):  # dropped: this read goes to SQL, and the None session fails
+        fresh.read(None, blob_id, sha)  # type: ignore[arg-type]
