@@ -42,7 +42,9 @@ from coordinator.db.blobs import read_blob, write_blob, write_blobs
 from coordinator.db.engine import Database
 from coordinator.db.models import Delta, Model, ModelVersion, OutboxMessage, Round, Run, Task, Worker
 from coordinator.registry import ModelRegistry
+from coordinator.running import CommittedDelta, RunningAggregations
 from coordinator.strategies import get_strategy
+from coordinator.strategies.base import Aggregation
 from coordinator.validation import DeltaPolicy, DeltaRejectedError, validate_delta
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class _Intake:
     _buffers: dict[str, Round | None] = field(default_factory=dict)
     _counts: dict[int, int] = field(default_factory=dict)
     _accepted: list[tuple[Delta, memoryview]] = field(default_factory=list)
+    decoded: list[tuple[Delta, list[np.ndarray], float, int]] = field(default_factory=list)
 
     @classmethod
     def load(cls, session: Session, task_ids: Sequence[str]) -> _Intake:
@@ -191,6 +194,7 @@ class RoundEngine:
         self.clock = clock
         self.rng = rng or random.Random()
         self._base_cache: dict[int, list[np.ndarray]] = {}
+        self.running = RunningAggregations()
         self._eval_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -------------------------------------------------------------------------------- runs
@@ -391,9 +395,42 @@ class RoundEngine:
                     if intake.full_buffer is not None:
                         break
                 intake.store_weights()
+            self._feed_running(intake)
             if intake.full_buffer is not None:
                 self.advance(intake.full_buffer)
         return outcomes
+
+    def _feed_running(self, intake: _Intake) -> None:
+        """Committed deltas go on to their rounds' running aggregations (:mod:`coordinator.running`)."""
+        committed = [
+            CommittedDelta(row.round_id, row.id, arrays, weight, staleness)
+            for row, arrays, weight, staleness in intake.decoded
+            if row.round_id is not None
+        ]
+        try:
+            self.running.feed(committed, self._start_running)
+        except Exception:  # only an optimisation: the round then aggregates from SQL
+            logger.exception("running aggregation failed; the round will aggregate from SQL")
+
+    def _start_running(self, round_id: int) -> tuple[Aggregation, int | None] | None:
+        with self.db.session() as session:
+            round_ = session.get(Round, round_id)
+            if round_ is None or round_.state != ROUND_OPEN:
+                return None
+            aggregation, run = self._begin_aggregation(session, round_)
+            return (aggregation, run.server_state_blob_id) if aggregation.streaming else None
+
+    def _begin_aggregation(self, session: Session, round_: Round) -> tuple[Aggregation, Run]:
+        """The round's strategy begun on its base, from the run's server state."""
+        run = session.scalar(select(Run).where(Run.run_id == round_.run_id))
+        assert run is not None
+        state = (
+            [np.array(a) for a in codec.decode_weights(read_blob(session, run.server_state_blob_id))]
+            if run.server_state_blob_id is not None
+            else None
+        )
+        strategy = get_strategy(run.strategy, run.strategy_options)
+        return strategy.begin(self._base_weights(session, round_), state), run
 
     def _record_one(self, intake: _Intake, report: DeltaReport, user_id: str | None) -> DeltaOutcome:
         session = intake.session
@@ -435,6 +472,7 @@ class RoundEngine:
             metrics={**report.metrics, "staleness": staleness},
         )
         intake.accept(row, report.payload)
+        intake.decoded.append((row, delta, report.sample_count * staleness_weight(staleness), staleness))
         task.state, task.done_at = TASK_DONE, self.clock()
         worker.last_seen_at = self.clock()
         if run is not None and run.mode == "async" and intake.count_in_buffer(round_) >= round_.quorum:
@@ -719,14 +757,7 @@ class RoundEngine:
         assert run is not None and model is not None
         base_row = session.get(ModelVersion, round_.base_version_id)
         assert base_row is not None
-        base = self._base_weights(session, round_)
         strategy = get_strategy(run.strategy, run.strategy_options)
-        state = (
-            [np.array(a) for a in codec.decode_weights(read_blob(session, run.server_state_blob_id))]
-            if run.server_state_blob_id is not None
-            else None
-        )
-        aggregation = strategy.begin(base, state)
         deltas = list(
             session.scalars(
                 select(Delta)
@@ -734,12 +765,18 @@ class RoundEngine:
                 .order_by(Delta.id)
             )
         )
+        aggregation = self.running.take(round_.id, {d.id for d in deltas}, run.server_state_blob_id)
+        if aggregation is None:  # not streamed (robust rules), or not every delta was: from SQL
+            aggregation, _ = self._begin_aggregation(session, round_)
+            for delta in deltas:
+                assert delta.weights_blob_id is not None
+                weights = codec.decode_weights(read_blob(session, delta.weights_blob_id))
+                staleness = int((delta.metrics or {}).get("staleness", 0))
+                aggregation.add(
+                    weights, delta.sample_count * staleness_weight(staleness), staleness=staleness
+                )
         samples = 0
         for delta in deltas:
-            assert delta.weights_blob_id is not None
-            weights = codec.decode_weights(read_blob(session, delta.weights_blob_id))
-            staleness = int((delta.metrics or {}).get("staleness", 0))
-            aggregation.add(weights, delta.sample_count * staleness_weight(staleness), staleness=staleness)
             samples += delta.sample_count
             delta.status = DELTA_AGGREGATED
         new_weights = aggregation.finish()

@@ -58,6 +58,12 @@ class Aggregation(ABC):
         """The server optimizer's state after :meth:`finish`, to pass to the next ``begin``; None if none."""
         return None
 
+    @property
+    def streaming(self) -> bool:
+        """True when no delta is kept after :meth:`add` (running sums): then adding each delta as
+        soon as it is committed costs no memory (see :mod:`coordinator.running`)."""
+        return False
+
 
 class Strategy(ABC):
     """A named aggregation rule with options (stored with each version's lineage).

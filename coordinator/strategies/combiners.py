@@ -90,6 +90,9 @@ class Combined:
 class Combiner(ABC):
     """Combines deltas into one aggregated delta (floating-point arrays; None for non-averaged ones)."""
 
+    #: Whether :meth:`add` keeps references to the deltas (the robust rules need them all at once).
+    holds_deltas: bool = True
+
     def __init__(self, base: Sequence[np.ndarray]) -> None:
         self.averaged = [is_averaged(b) for b in base]
         self.shapes = [b.shape for b in base]
@@ -122,6 +125,8 @@ class WeightedMean(Combiner):
     No delta is kept after :meth:`add` returns. The division by the total weight is left to the
     server update, which applies it in the same pass that adds the base.
     """
+
+    holds_deltas = False
 
     def __init__(self, base: Sequence[np.ndarray], accumulate: str = ACCUMULATE_CHOICES[0]) -> None:
         super().__init__(base)

@@ -46,6 +46,10 @@ class PipelineAggregation(Aggregation):
     def count(self) -> int:
         return self._count
 
+    @property
+    def streaming(self) -> bool:
+        return not self._combiner.holds_deltas
+
     def add(self, delta: Sequence[np.ndarray], sample_count: float, staleness: int = 0) -> None:
         if self._finished:
             raise RuntimeError("add() after finish()")

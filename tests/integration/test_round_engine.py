@@ -286,3 +286,57 @@ def test_an_async_delta_staler_than_max_staleness_is_rejected_and_rounds_show_sa
     assert shown.exit_code == 0, shown.output
     assert "b: staleness 1 exceeds the run's maximum of 0" in shown.output
     assert [v.version for v in registry.versions("m")] == [1, 2]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "median"])
+def test_a_round_closes_on_the_running_aggregation_or_from_sql_with_the_same_version(
+    engine, monkeypatch, strategy
+):
+    """FedAvg-family rounds are aggregated as their deltas commit, so closing reads no delta back;
+    a fresh engine (a restarted coordinator) and the robust rules aggregate from SQL. All agree."""
+    import coordinator.rounds as rounds_module
+
+    engine, registry = engine
+    delta_reads: list[int] = []
+    original_read = rounds_module.read_blob
+
+    def counting_read(session, blob_id):
+        delta_reads.append(blob_id)
+        return original_read(session, blob_id)
+
+    monkeypatch.setattr(rounds_module, "read_blob", counting_read)
+    results: dict[str, list[np.ndarray]] = {}
+    for label, restart in (("live", False), ("restarted", True)):
+        run_id = f"{label}-{strategy}"
+        engine.start_run(
+            StartRun(run_id=run_id, model="m", rounds=1, min_workers=2, deadline_s=60.0, strategy=strategy)
+        )
+        tasks = [t for t in pending_tasks(engine)]
+        first, second = sorted(tasks, key=lambda t: t.task_id)
+        worker_of = {
+            t.task_id: w
+            for t, w in ((pending_task_of(engine, "a"), "a"), (pending_task_of(engine, "b"), "b"))
+        }
+        engine.record_delta(
+            delta_report(registry, first, worker_of[first.task_id], 0.25), worker_of[first.task_id]
+        )
+        if restart:  # a new coordinator process: nothing in memory but SQL
+            engine = RoundEngine(engine.db, registry)
+        engine.record_delta(
+            delta_report(registry, second, worker_of[second.task_id], 1.0), worker_of[second.task_id]
+        )
+        delta_reads.clear()
+        assert engine.advance(first.round_id) == "closed"
+        streamed = strategy != "median" and not restart
+        with engine.db.session() as s:
+            run = s.scalar(select(Run).where(Run.run_id == run_id))
+            latest = s.scalar(select(ModelVersion).order_by(ModelVersion.id.desc()))
+            accepted = list(s.scalars(select(Delta.weights_blob_id).where(Delta.round_id == first.round_id)))
+        assert run.state == "completed" and latest.metrics["deltas"] == 2
+        assert (set(delta_reads) & set(accepted)) == (set() if streamed else set(accepted))
+        # Each run starts from the version the one before made: compare the steps they took.
+        new, base = registry.weights("m", latest.version), registry.weights("m", latest.version - 1)
+        results[label] = [n - b for n, b in zip(new, base, strict=True)]
+
+    for live, restarted in zip(results["live"], results["restarted"], strict=True):
+        np.testing.assert_allclose(live, restarted, rtol=1e-6, atol=1e-7)  # float32 steps off other bases
