@@ -2,13 +2,18 @@
 
 The coordinator and the workers run as separate ``python -m coordinator.cli.main`` processes (so
 tests can SIGKILL them); set-up steps (schema, keys, registering a model, adding workers) call the
-library in-process, which is what the CLI commands do.
+library in-process, which is what the CLI commands do. Each deployment's processes keep their
+temporary files (the coordinator's chunk reassembly) in its own directory.
+
+:meth:`Cluster.check_oracle` is the end of every fault test: :func:`coordinator.audit.audit_rounds`
+over the whole database, told which deltas the workers saw confirmed (their logs name each task).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +30,7 @@ from common.messages import StartRun
 from common.model import DynamicDLModel
 from common.model.bundle import split_model
 from common.settings import Settings
+from coordinator.audit import Audit, audit_rounds
 from coordinator.control import new_id, submit
 from coordinator.db import Database, upgrade
 from coordinator.registry import KeySigner, ModelRegistry
@@ -32,6 +38,8 @@ from coordinator.reports import RunView, run_view
 from coordinator.workers import add_worker
 
 ROOT = Path(__file__).resolve().parents[2]
+# worker/daemon.py logs this once the broker confirmed a delta's publish, before the task's ack.
+CONFIRMED = re.compile(r"task ([0-9a-f]{32}): delta against \S+ v\d+ sent")
 
 
 @dataclasses.dataclass
@@ -97,8 +105,16 @@ class Cluster:
             FEDMQ_AMQP_HEARTBEAT_S=str(self.settings.amqp_heartbeat_s),
             TF_CPP_MIN_LOG_LEVEL="2",
             PYTHONPATH=str(ROOT),
+            TMPDIR=str(self.tmp_dir),
         )
         return env
+
+    @property
+    def tmp_dir(self) -> Path:
+        """The processes' temporary directory: the coordinator reassembles chunked deltas under it."""
+        path = self.root / "tmp"
+        path.mkdir(exist_ok=True)
+        return path
 
     def _spawn(
         self, key: str, *args: str, module: str = "coordinator.cli.main", kill_at: str | None = None
@@ -156,6 +172,18 @@ class Cluster:
                     proc.wait()
 
     # -- observing -------------------------------------------------------------------------------
+    def confirmed_deltas(self) -> set[str]:
+        """Task ids whose delta a worker saw confirmed by the broker (from every worker's log)."""
+        logs = [p for p in self.root.glob("*.log") if p.stem != "coordinator"]
+        return {m for p in logs for m in CONFIRMED.findall(p.read_text(errors="replace"))}
+
+    def check_oracle(self) -> Audit:
+        """Every fault test's end: nothing lost, nothing counted twice, every version whole."""
+        with self.database() as db:
+            audit = audit_rounds(db, confirmed=self.confirmed_deltas())
+        assert audit.ok, "\n".join(audit.problems)
+        return audit
+
     def run(self, run_id: str) -> RunView | None:
         with self.database() as db:
             try:
