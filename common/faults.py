@@ -6,7 +6,12 @@ nothing. The tests start a daemon with that variable, let it die at the point, a
 without the variable to check that nothing was lost or counted twice. Points:
 
 - ``worker-after-delta-publish``: the delta's publish was confirmed, the task is not yet acked;
+- ``publish-after-chunk-N`` (common/broker/publisher.py): chunk N of a chunked body was confirmed,
+  the next one is not sent yet (``publish-after-chunk-0``: a worker dies mid-publish of a large
+  delta, leaving a half-sent transfer);
 - ``coordinator-after-delta-commit``: a delta is committed in SQL, its delivery not yet acked;
+- ``coordinator-before-aggregation-commit`` (coordinator/rounds.py): inside the aggregation's
+  transaction, the new version, the round's closing and the next round written, nothing committed;
 - ``coordinator-after-aggregation-commit``: a new version and the next round are committed, their
   release and task messages are still in the outbox.
 """
