@@ -19,6 +19,7 @@ the round's state checked under the round's row lock before aggregating.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -388,14 +389,18 @@ class RoundEngine:
         outcomes: list[DeltaOutcome] = []
         while len(outcomes) < len(items):
             rest = items[len(outcomes) :]
-            with self.db.session(write=True) as session, session.no_autoflush:
-                intake = _Intake.load(session, [report.task_id for report, _ in rest])
-                for report, user_id in rest:
-                    outcomes.append(self._record_one(intake, report, user_id))
-                    if intake.full_buffer is not None:
-                        break
-                intake.store_weights()
-            self._feed_running(intake)
+            with contextlib.ExitStack() as feed:
+                with self.db.session(write=True) as session, session.no_autoflush:
+                    intake = _Intake.load(session, [report.task_id for report, _ in rest])
+                    # Announced once this transaction holds SQLite's write lock, before the commit,
+                    # so a round closed right after it waits for the feed (coordinator.running).
+                    feed.enter_context(self.running.feeding())
+                    for report, user_id in rest:
+                        outcomes.append(self._record_one(intake, report, user_id))
+                        if intake.full_buffer is not None:
+                            break
+                    intake.store_weights()
+                self._feed_running(intake)
             if intake.full_buffer is not None:
                 self.advance(intake.full_buffer)
         return outcomes

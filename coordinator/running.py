@@ -7,16 +7,20 @@ if it holds exactly the round's accepted deltas (by row id) and began from the s
 state; otherwise — after a restart, when another coordinator accepted some of them, when a feed was
 missed — it aggregates from SQL as before. Either way every accepted delta counts once.
 
-Thread-safe: deltas are fed by the results consumer while a deadline may close the round on the
-ticker thread; a taken aggregation is never fed again.
+Thread-safe: deltas are fed by the results consumer while the ticker thread may close the same
+round. The consumer announces a feed (:meth:`RunningAggregations.feeding`) inside the transaction
+that commits the deltas, before the commit, and :meth:`~RunningAggregations.take` waits (briefly)
+for announced feeds, so a round closed right after its last delta committed still finds it fed.
+A taken aggregation is never fed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,10 +58,24 @@ Starter = Callable[[int], tuple[Aggregation, int | None] | None]
 class RunningAggregations:
     """The running aggregation of each open round (see the module docstring)."""
 
-    def __init__(self, max_rounds: int = _MAX_ROUNDS) -> None:
+    def __init__(self, max_rounds: int = _MAX_ROUNDS, feed_wait_s: float = 10.0) -> None:
         self.max_rounds = max_rounds
+        self.feed_wait_s = feed_wait_s
         self._rounds: OrderedDict[int, _Running | None] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._feeds = 0
+
+    @contextlib.contextmanager
+    def feeding(self) -> Iterator[None]:
+        """Announce a feed from before its deltas' commit until they were fed (or failed)."""
+        with self._lock:
+            self._feeds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._feeds -= 1
+                self._lock.notify_all()
 
     def feed(self, deltas: Sequence[CommittedDelta], start: Starter) -> None:
         """Add committed deltas to their rounds' aggregations, starting them with ``start``."""
@@ -82,6 +100,8 @@ class RunningAggregations:
         Whatever the answer, the round's entry is gone: a round is closed once.
         """
         with self._lock:
+            if not self._lock.wait_for(lambda: self._feeds == 0, timeout=self.feed_wait_s):
+                logger.warning("round %d: a delta feed did not finish; aggregating from SQL", round_id)
             running = self._rounds.pop(round_id, None)
         if running is None:
             return None

@@ -60,3 +60,26 @@ def test_at_most_max_rounds_are_kept():
 
     assert running.take(1, {1}, None) is None
     assert running.take(3, {3}, None) is not None
+
+
+def test_a_round_taken_while_its_last_delta_is_being_fed_waits_for_that_feed():
+    import threading
+
+    running, (start, _) = RunningAggregations(), starter("fedavg")
+    running.feed([delta(1, 1, 1.0)], start)
+    committed = threading.Event()
+    taken: list[object] = []
+
+    def consumer() -> None:  # the results thread: commit announced, then fed a little later
+        with running.feeding():
+            committed.set()
+            threading.Event().wait(0.3)
+            running.feed([delta(1, 2, 3.0)], start)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    committed.wait()
+    taken.append(running.take(1, {1, 2}, None))  # the ticker, right after the commit
+    thread.join()
+
+    assert taken[0] is not None
