@@ -270,3 +270,17 @@ def test_a_stored_versions_frame_is_served_from_memory_and_read_from_sql_when_no
     assert held.readonly and from_sql.readonly
     with pytest.raises(AttributeError):  # dropped: this read goes to SQL, and the None session fails
         fresh.read(None, blob_id, sha)  # type: ignore[arg-type]
+
+
+def test_a_new_sqlite_database_uses_wal_full_sync_and_large_pages(tmp_path):
+    from coordinator.db.engine import SQLITE_PAGE_SIZE
+
+    database = Database.from_settings(Settings(database_url=f"sqlite:///{tmp_path / 'new.db'}"))
+    upgrade(database)
+    with database.engine.connect() as conn:
+        settings = [
+            conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "synchronous", "page_size")
+        ]
+    database.dispose()
+
+    assert settings == ["wal", 2, SQLITE_PAGE_SIZE]  # 2: FULL, every commit fsynced
