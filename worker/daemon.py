@@ -127,7 +127,7 @@ class WorkerDaemon:
 
     def on_release(self, delivery: Delivery) -> None:
         try:
-            self.store.add(delivery.body)
+            self.store.add(delivery.body, source=delivery.path)
         except SignatureError as exc:
             raise PoisonMessageError(f"release refused: {exc}") from exc
 

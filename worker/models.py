@@ -55,11 +55,13 @@ class ModelStore:
         with self._arrived:
             return self._latest.get(model)
 
-    def add(self, body: bytes, *, explicit: bool = False) -> VerifiedRelease:
+    def add(self, body: bytes, *, explicit: bool = False, source: Path | None = None) -> VerifiedRelease:
         """Verify a release body and keep it (memory and disk). Raises SignatureError / DecodeError.
 
         An unasked release (not ``explicit``, not fetched by :meth:`get`) older than the newest
         accepted version of its model is a replay: StaleVersionError (see the module docstring).
+        ``source`` is a file holding exactly ``body`` (a reassembled transfer): it is linked into
+        the cache instead of written again.
         """
         release = decode(body, ModelRelease)
         with self._arrived:
@@ -73,7 +75,13 @@ class ModelStore:
         path = self._path(verified.model, verified.version)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(body)
+        tmp.unlink(missing_ok=True)
+        try:
+            if source is None:
+                raise OSError("no file to link")
+            os.link(source, tmp)
+        except OSError:  # another file system, or no file: write the bytes
+            tmp.write_bytes(body)
         os.replace(tmp, path)
         with self._arrived:
             self._releases[(verified.model, verified.version)] = verified

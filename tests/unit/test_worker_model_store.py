@@ -105,3 +105,16 @@ def test_a_new_code_for_the_same_model_builds_a_new_model(store, key):
 
     assert v1.code_sha256 != v2.code_sha256 and second is not first
     assert second.metadata["learning_rate"] == 0.5
+
+
+def test_a_reassembled_release_file_is_linked_into_the_cache_not_written_again(store, key, tmp_path):
+    body = make_release(key, version=1).encode()
+    transfer = tmp_path / "transfer.part"
+    transfer.write_bytes(body)
+
+    store.add(body, source=transfer)
+
+    (cached,) = store.cache_dir.rglob("*.release")
+    assert cached.read_bytes() == body and cached.stat().st_ino == transfer.stat().st_ino
+    transfer.unlink()  # the reassembler deletes its file once the release is handled
+    assert cached.read_bytes() == body
