@@ -200,6 +200,7 @@ class Coordinator:
         for round_id in self.engine.open_round_ids():
             self.engine.advance(round_id)
         self.relay.wake()
+        self.db.checkpoint()
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set (SIGTERM/SIGINT in the CLI)."""

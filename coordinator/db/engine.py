@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -88,6 +89,8 @@ def create_db_engine(settings: Settings) -> Engine:
 
 
 SQLITE_PAGE_SIZE = 65536  # SQLite's largest
+SQLITE_AUTOCHECKPOINT_PAGES = (1 << 30) // SQLITE_PAGE_SIZE
+CHECKPOINT_MIN_WAL_BYTES = 64 << 20
 
 
 def _sqlite_engine(url: URL, busy_timeout_s: float) -> Engine:
@@ -105,6 +108,12 @@ def _sqlite_engine(url: URL, busy_timeout_s: float) -> Engine:
             # instead of ~0.6 s), small transactions no slower. Must precede journal_mode = WAL.
             cursor.execute(f"PRAGMA page_size = {SQLITE_PAGE_SIZE}")
             cursor.execute("PRAGMA journal_mode = WAL")
+            # Checkpoints (copying the WAL into the database file) happen when the WAL passes
+            # 1 GiB instead of 64 MiB, and the coordinator runs them off its intake path
+            # (Database.checkpoint, from its ticker): a 100 MB delta commit then writes the WAL
+            # and fsyncs it, nothing more (~0.15 s instead of ~0.35 s here). Durability is the
+            # same: every commit is fsynced in the WAL.
+            cursor.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_AUTOCHECKPOINT_PAGES}")
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
@@ -215,6 +224,25 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def checkpoint(self, min_wal_bytes: int = CHECKPOINT_MIN_WAL_BYTES) -> bool:
+        """SQLite: copy the WAL into the database file when it holds ``min_wal_bytes`` or more,
+        without waiting for (or blocking) readers and writers. True when a checkpoint ran.
+
+        The coordinator calls this from its ticker so that checkpoints stay off its intake path
+        (see ``wal_autocheckpoint`` in the engine). Nothing to do on PostgreSQL.
+        """
+        if self.backend != "sqlite" or not self.url.database or self.url.database == ":memory:":
+            return False
+        try:
+            wal_bytes = os.path.getsize(f"{self.url.database}-wal")
+        except OSError:
+            return False
+        if wal_bytes < min_wal_bytes:
+            return False
+        with translate_errors(self.url), self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        return True
 
     def check_connection(self) -> None:
         """Open a connection once; raise DatabaseUnavailableError with a clear message if we cannot."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,14 +274,33 @@ def test_a_stored_versions_frame_is_served_from_memory_and_read_from_sql_when_no
 
 
 def test_a_new_sqlite_database_uses_wal_full_sync_and_large_pages(tmp_path):
-    from coordinator.db.engine import SQLITE_PAGE_SIZE
+    from coordinator.db.engine import SQLITE_AUTOCHECKPOINT_PAGES, SQLITE_PAGE_SIZE
 
     database = Database.from_settings(Settings(database_url=f"sqlite:///{tmp_path / 'new.db'}"))
     upgrade(database)
     with database.engine.connect() as conn:
-        settings = [
-            conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "synchronous", "page_size")
-        ]
+        pragmas = ("journal_mode", "synchronous", "page_size", "wal_autocheckpoint")
+        settings = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in pragmas]
     database.dispose()
 
-    assert settings == ["wal", 2, SQLITE_PAGE_SIZE]  # 2: FULL, every commit fsynced
+    # 2: FULL, every commit fsynced; checkpoints left to Database.checkpoint below 1 GiB of WAL
+    assert settings == ["wal", 2, SQLITE_PAGE_SIZE, SQLITE_AUTOCHECKPOINT_PAGES]
+
+
+def test_the_coordinators_checkpoint_moves_a_large_wal_into_the_database(tmp_path):
+    path = tmp_path / "ckpt.db"
+    database = Database.from_settings(Settings(database_url=f"sqlite:///{path}"))
+    upgrade(database)
+    registry = ModelRegistry(database, KeySigner(generate_key()))
+    small = database.checkpoint()
+    info = registry.register("big", CODE, [np.ones((1000, 20_000), np.float32)])  # 80 MB
+    wal_before = Path(f"{path}-wal").stat().st_size
+    db_before = path.stat().st_size
+
+    ran = database.checkpoint()
+
+    assert not small and ran and wal_before > 64 << 20
+    assert path.stat().st_size > db_before + (64 << 20)  # the pages are in the database file now
+    assert not database.checkpoint(min_wal_bytes=wal_before * 2)
+    np.testing.assert_array_equal(registry.weights("big", info.version)[0], 1.0)
+    database.dispose()
