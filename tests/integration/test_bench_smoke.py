@@ -33,9 +33,18 @@ def test_intake_reports_rates_and_ratio():
     figures = bench("intake", "--deltas", "20", "--workers", "2")
 
     assert figures["deltas"] == 20
-    for key in ("raw_publish_per_s", "raw_consume_per_s", "coordinator_per_s", "ratio", "publish_ratio"):
+    for key in (
+        "raw_live_per_s",
+        "coordinator_live_per_s",
+        "ratio",
+        "raw_drain_per_s",
+        "coordinator_drain_per_s",
+        "drain_ratio",
+        "worker_publish_per_s",
+    ):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert figures["target"] == 0.5 and isinstance(figures["target_met"], bool)
+    assert isinstance(figures["drain_target_met"], bool)
 
 
 def test_round_fedmq_only_reports_round_times():
