@@ -25,6 +25,16 @@ def store(tmp_path: Path, key: Ed25519PrivateKey) -> ModelStore:
     return ModelStore(tmp_path / "cache", key.public_key())
 
 
+def answering(store: ModelStore, release, fetched: list[int]):
+    """A fetcher whose request the coordinator answers with ``release``; records each request."""
+
+    def fetch(model: str, version: int) -> None:
+        fetched.append(version)
+        store.add(release.encode())
+
+    return fetch
+
+
 def test_a_task_for_the_next_version_waits_for_its_broadcast_instead_of_fetching(store, key):
     store.add(make_release(key, version=1).encode())
     v2 = make_release(key, version=2)
@@ -41,10 +51,7 @@ def test_a_broadcast_that_does_not_come_is_fetched_after_the_wait(store, key):
     store.add(make_release(key, version=1).encode())
     v2 = make_release(key, version=2)
     fetched: list[int] = []
-
-    def fetch(model: str, version: int) -> None:
-        fetched.append(version)
-        store.add(v2.encode())
+    fetch = answering(store, v2, fetched)
 
     found = store.get(MODEL, 2, v2.weights_sha256, fetch, 5, broadcast_wait_s=0.2)
 
@@ -57,10 +64,7 @@ def test_an_unknown_model_or_an_older_version_is_fetched_at_once(store, key, hel
         store.add(make_release(key, version=held).encode())
     v2 = make_release(key, version=2)
     fetched: list[int] = []
-
-    def fetch(model: str, version: int) -> None:
-        fetched.append(version)
-        store.add(v2.encode())
+    fetch = answering(store, v2, fetched)
 
     # A wait longer than the test's timeout would be noticed: the fetch must come first.
     found = store.get(MODEL, 2, v2.weights_sha256, fetch, 5, broadcast_wait_s=600)
