@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from common import codec
@@ -82,6 +82,18 @@ def release_outbox_row(model: str, version: int) -> OutboxMessage:
 
 
 _Row = TypeVar("_Row", Round, Worker, ModelVersion)
+# What an accepted delta's row is inserted with (received_at: the column's default).
+_DELTA_COLUMNS = (
+    "task_id",
+    "round_id",
+    "worker_id",
+    "worker_name",
+    "base_version_id",
+    "sample_count",
+    "norm",
+    "status",
+    "metrics",
+)
 
 
 @dataclass
@@ -160,20 +172,36 @@ class _Intake:
         return self._counts[round_.id]
 
     def accept(self, row: Delta, weights: memoryview | bytes) -> None:
-        """Add an accepted delta; its weights are written with the others by :meth:`store_weights`."""
-        self.session.add(row)
+        """Add an accepted delta (its task done); :meth:`store` writes it with the others."""
         self._accepted.append((row, memoryview(weights)))
         if row.task_id is not None:
             self.answered.add(row.task_id)
         if row.round_id in self._counts:
             self._counts[row.round_id] += 1
 
-    def store_weights(self) -> None:
-        """Write the accepted deltas' weights (a few statements for all) and link them to their rows."""
-        if self._accepted:
-            ids = write_blobs(self.session, [weights for _, weights in self._accepted])
-            for (row, _), blob_id in zip(self._accepted, ids, strict=True):
-                row.weights_blob_id = blob_id
+    def store(self, done_at: dt.datetime) -> None:
+        """Write the accepted deltas, their weights and their tasks' new state in a few statements
+        for all (the unit of work would issue one per row); each ``row`` gets its id."""
+        if not self._accepted:
+            return
+        blob_ids = write_blobs(self.session, [weights for _, weights in self._accepted])
+        values = [
+            {column: getattr(row, column) for column in _DELTA_COLUMNS} | {"weights_blob_id": blob_id}
+            for (row, _), blob_id in zip(self._accepted, blob_ids, strict=True)
+        ]
+        inserted = self.session.execute(
+            insert(Delta).returning(Delta.id, sort_by_parameter_order=True), values
+        ).scalars()
+        for (row, _), delta_id in zip(self._accepted, inserted, strict=True):
+            row.id = delta_id
+        tasks = [row.task_id for row, _ in self._accepted if row.task_id is not None]
+        for i in range(0, len(tasks), 500):
+            self.session.execute(
+                update(Task)
+                .where(Task.task_id.in_(tasks[i : i + 500]))
+                .values(state=TASK_DONE, done_at=done_at)
+                .execution_options(synchronize_session=False)
+            )
 
 
 class RoundEngine:
@@ -399,7 +427,7 @@ class RoundEngine:
                         outcomes.append(self._record_one(intake, report, user_id))
                         if intake.full_buffer is not None:
                             break
-                    intake.store_weights()
+                    intake.store(self.clock())
                 self._feed_running(intake)
             if intake.full_buffer is not None:
                 self.advance(intake.full_buffer)
@@ -476,9 +504,8 @@ class RoundEngine:
             status=DELTA_ACCEPTED,
             metrics={**report.metrics, "staleness": staleness},
         )
-        intake.accept(row, report.payload)
+        intake.accept(row, report.payload)  # its task is marked done with it
         intake.decoded.append((row, delta, report.sample_count * staleness_weight(staleness), staleness))
-        task.state, task.done_at = TASK_DONE, self.clock()
         worker.last_seen_at = self.clock()
         if run is not None and run.mode == "async" and intake.count_in_buffer(round_) >= round_.quorum:
             intake.full_buffer = round_.id

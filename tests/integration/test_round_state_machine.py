@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import tempfile
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -145,13 +146,13 @@ class RoundMachine(RuleBasedStateMachine):
             items.append((dataclasses.replace(report, payload=b"junk"), worker))
         open_before = {t.task_id: self._round_open(t.round_id) for t in tasks.values()}
         if crash:
-            original = _Intake.store_weights
+            original = _Intake.store
 
-            def die(intake: _Intake) -> None:
-                original(intake)  # everything written, then the process dies before the commit
+            def die(intake: _Intake, done_at: Any) -> None:
+                original(intake, done_at)  # everything written, then the process dies before the commit
                 raise CrashError
 
-            with mock.patch.object(_Intake, "store_weights", die), pytest.raises(CrashError):
+            with mock.patch.object(_Intake, "store", die), pytest.raises(CrashError):
                 self.engine.record_deltas(items)
             assert all(self._pending(w) is not None for w in tasks), "a crashed batch left a trace"
             self.engine = self._engine()
