@@ -699,6 +699,7 @@ class RoundEngine:
 
     def _cancel_pending_tasks(self, session: Session, round_ids: list[int]) -> None:
         """Tasks of a round that ended without them are answered as cancelled (late deltas are refused)."""
+        self.running.discard(round_ids)  # these rounds are not aggregated
         if round_ids:
             session.execute(
                 update(Task)

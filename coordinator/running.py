@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +91,12 @@ class RunningAggregations:
                     continue
                 running.aggregation.add(delta.arrays, delta.weight, staleness=delta.staleness)
                 running.delta_ids.add(delta.delta_id)
+
+    def discard(self, round_ids: Iterable[int]) -> None:
+        """Forget rounds that end without being aggregated (failed, cancelled)."""
+        with self._lock:
+            for round_id in round_ids:
+                self._rounds.pop(round_id, None)
 
     def take(
         self, round_id: int, delta_ids: set[int], server_state_blob_id: int | None

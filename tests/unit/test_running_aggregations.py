@@ -83,3 +83,12 @@ def test_a_round_taken_while_its_last_delta_is_being_fed_waits_for_that_feed():
     thread.join()
 
     assert taken[0] is not None
+
+
+def test_a_round_that_ends_without_aggregation_is_forgotten():
+    running, (start, _) = RunningAggregations(), starter("fedavg")
+    running.feed([delta(1, 1, 1.0), delta(2, 2, 1.0)], start)
+
+    running.discard([1])
+
+    assert running.take(1, {1}, None) is None and running.take(2, {2}, None) is not None
