@@ -10,7 +10,8 @@ Replays: a release that arrives unasked (the releases fanout announces the newes
 be older than the newest version the store has accepted for that model, or it is refused with
 :class:`~common.errors.StaleVersionError` before anything in it is read. A release the store asked
 for (a task names an explicit version, which the store fetches or reads from its cache) may be
-older: tasks legitimately train older versions. The high-water mark lives in memory, per process.
+older: tasks legitimately train older versions. The high-water mark is kept in memory and starts,
+when the worker starts, from the newest version in its cache (releases are cached only once verified).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ class ModelStore:
         self._requested: set[tuple[str, int]] = set()
         self._arrived = threading.Condition()
         self._built: dict[str, tuple[str, DynamicDLModel]] = {}  # model -> (code sha256, model)
+        self._latest.update(self._cached_versions())
+
+    def _cached_versions(self) -> dict[str, int]:
+        """The newest version of each model in the cache directory (releases are cached only
+        after they verified), so the replay rule and the broadcast wait survive a restart."""
+        newest: dict[str, int] = {}
+        for path in self.cache_dir.glob("*/v*.release"):
+            digits = path.stem[1:]
+            if digits.isdigit():
+                newest[path.parent.name] = max(int(digits), newest.get(path.parent.name, 0))
+        return newest
 
     def _path(self, model: str, version: int) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)

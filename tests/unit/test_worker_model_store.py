@@ -122,3 +122,22 @@ def test_a_reassembled_release_file_is_linked_into_the_cache_not_written_again(s
     assert cached.read_bytes() == body and cached.stat().st_ino == transfer.stat().st_ino
     transfer.unlink()  # the reassembler deletes its file once the release is handled
     assert cached.read_bytes() == body
+
+
+def test_a_restarted_worker_still_refuses_a_replayed_release_and_awaits_the_next_broadcast(store, key):
+    from common.errors import StaleVersionError
+
+    store.add(make_release(key, version=3).encode())
+    restarted = ModelStore(store.cache_dir, key.public_key())  # a new process, the same cache
+    v4 = make_release(key, version=4)
+    fetched: list[int] = []
+    broadcast = threading.Timer(0.3, lambda: restarted.add(v4.encode()))
+
+    with pytest.raises(StaleVersionError):
+        restarted.add(make_release(key, version=2).encode())
+    broadcast.start()
+    found = restarted.get(
+        MODEL, 4, v4.weights_sha256, answering(restarted, v4, fetched), 5, broadcast_wait_s=10
+    )
+
+    assert restarted.latest(MODEL) == 4 and found.version == 4 and fetched == []
