@@ -197,15 +197,20 @@ def test_coordinator_killed_mid_round_continues_with_the_accepted_deltas(cluster
     cluster.check_oracle()
 
 
+def with_big_model(cluster: Cluster, n_in: int, workers: int = 2) -> None:
+    """Register the model "big" (``n_in`` x 100 float32) and ``workers`` workers with 16 samples each."""
+    cluster.register("big", make_linear_model(n_in, 100, model_id="big"))
+    rng = np.random.default_rng(0)
+    for i in range(workers):
+        cluster.add_worker(
+            f"w{i}", {"x": rng.random((16, n_in), dtype=np.float32), "y": rng.integers(0, 100, 16)}
+        )
+
+
 def test_a_model_larger_than_the_chunk_size_completes_a_round(sqlite_cluster: Cluster):
     # Prepare: a 40 MB model (100,000 x 100 float32) with 4 MB chunks (the transport path: SQLite only).
     cluster = sqlite_cluster
-    cluster.register("big", make_linear_model(100_000, 100, model_id="big"))
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        cluster.add_worker(
-            f"w{i}", {"x": rng.random((16, 100_000), dtype=np.float32), "y": rng.integers(0, 100, 16)}
-        )
+    with_big_model(cluster, 100_000)
     cluster.start_coordinator()
     for i in range(2):
         cluster.start_worker(f"w{i}")
@@ -352,12 +357,7 @@ def test_worker_killed_mid_publish_of_a_chunked_delta_sends_it_whole_after_resta
     # Prepare: a 6 MB model, so each delta travels as two 4 MiB chunks; w0 dies (SIGKILL) right
     # after the broker confirmed its delta's first chunk, before the second is sent.
     cluster = sqlite_cluster
-    cluster.register("big", make_linear_model(15_000, 100, model_id="big"))
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        cluster.add_worker(
-            f"w{i}", {"x": rng.random((16, 15_000), dtype=np.float32), "y": rng.integers(0, 100, 16)}
-        )
+    with_big_model(cluster, 15_000)
     cluster.start_coordinator()
     cluster.start_worker("w0", kill_at="publish-after-chunk-0")
     cluster.start_worker("w1")
