@@ -622,6 +622,18 @@ class RoundEngine:
             logger.warning("task %s failed on %s: %s", msg.task_id, msg.worker, msg.reason)
             return True
 
+    def record_dead_task(self, task_id: str, reason: str) -> bool:
+        """The broker dead-lettered a task after its delivery limit (it killed its worker every
+        time): the task counts as answered, failed, like a worker's TaskFailed. False when the task
+        is unknown or was answered already (a worker that could report sent TaskFailed itself)."""
+        with self.db.session(write=True) as session:
+            task = session.scalar(select(Task).where(Task.task_id == task_id))
+            if task is None or task.state != TASK_PENDING:
+                return False
+            task.state, task.done_at = TASK_FAILED, self.clock()
+            logger.warning("task %s dead-lettered by the broker: %s", task_id, reason)
+            return True
+
     def _base_weights(self, session: Session, round_: Round) -> list[np.ndarray]:
         cached = self._base_cache.get(round_.base_version_id)
         if cached is None:

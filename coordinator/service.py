@@ -24,7 +24,14 @@ from collections.abc import Sequence
 from sqlalchemy import select
 
 from common.broker import Broker, Delivery, OutgoingMessage
-from common.broker.topology import CONTROL_QUEUE, FETCH_QUEUE, RESULTS_QUEUE, fedmq_topology
+from common.broker.connection import url_username
+from common.broker.topology import (
+    CONTROL_QUEUE,
+    DEAD_TASKS_QUEUE,
+    FETCH_QUEUE,
+    RESULTS_QUEUE,
+    fedmq_topology,
+)
 from common.errors import ConfigError, DecodeError, NotFoundError, PoisonMessageError
 from common.faults import fault_point
 from common.messages import (
@@ -37,6 +44,7 @@ from common.messages import (
     StartRun,
     SubmitJob,
     TaskFailed,
+    TrainTask,
     decode,
 )
 from common.release import build_release
@@ -72,6 +80,9 @@ class Coordinator:
         self.relay = OutboxRelay(db, broker, self.release_body)
         self.tick_s = tick_s
         self.ready = threading.Event()
+        config = getattr(broker, "config", None)
+        # The user the coordinator publishes as (the broker stamps it on what the relay sends).
+        self._broker_user = url_username(config) if config is not None else getattr(broker, "user_id", None)
 
     # --------------------------------------------------------------------------- releases
 
@@ -175,6 +186,26 @@ class Coordinator:
                 worker.last_seen_at = utcnow()
                 worker.info = dict(message.info)
 
+    def on_dead_task(self, delivery: Delivery) -> None:
+        """A task the broker dead-lettered from a worker's queue (:data:`DEAD_TASKS_QUEUE`).
+
+        Only the broker's own dead-lettering counts: it keeps the coordinator's ``user_id`` on
+        the copy (the relay published the task), which nobody else can set. Copies a worker's
+        consumer dead-lettered itself carry no ``user_id``: that worker sent TaskFailed already,
+        and the copy stays in its dead-letter queue with the reason.
+        """
+        if delivery.user_id != self._broker_user:
+            logger.debug("dead task copy from %r ignored (not the broker's)", delivery.user_id)
+            return
+        message: Message = decode(delivery.body)
+        if not isinstance(message, TrainTask):
+            return  # an apply job's task: its job shows no result, as before
+        deaths = delivery.headers.get("x-death")
+        latest = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+        reason = f"{latest.get('reason', 'dead-lettered')} in {latest.get('queue', 'its task queue')}"
+        if self.engine.record_dead_task(message.task_id, reason):
+            self.tick()
+
     def on_fetch(self, delivery: Delivery) -> None:
         request = decode(delivery.body, FetchModel)
         if not delivery.reply_to:
@@ -217,6 +248,7 @@ class Coordinator:
                 max_batch=RESULTS_PREFETCH,
             ),
             self.broker.consumer(FETCH_QUEUE, self.on_fetch, prefetch=1),
+            self.broker.consumer(DEAD_TASKS_QUEUE, self.on_dead_task, prefetch=1),
         ]
         relay = threading.Thread(target=self.relay.run, args=(stop,), name="fedmq-outbox", daemon=True)
         relay.start()

@@ -31,6 +31,10 @@ RESULTS_QUEUE = "fedmq.results"
 TASKS_EXCHANGE = "fedmq.tasks"
 RELEASES_EXCHANGE = "fedmq.releases"
 FETCH_QUEUE = "fedmq.fetch"
+#: The coordinator's copy of every task the broker dead-lettered from a worker's task queue (bound to
+#: the dead-letter exchange with each worker's task-queue name), so a round need not wait for its
+#: deadline when a task killed its worker every time it was delivered.
+DEAD_TASKS_QUEUE = "fedmq.dead-tasks"
 #: The one exchange workers may write to; routes results and fetch requests to the coordinator.
 RESULTS_EXCHANGE = "fedmq.results"
 RESULTS_ROUTE = "results"
@@ -148,6 +152,13 @@ def fedmq_topology(worker_ids: tuple[str, ...] = ()) -> Topology:
     for worker in worker_ids:
         queues.append(QueueSpec(worker_task_queue(worker), bindings=(Binding(TASKS_EXCHANGE, worker),)))
         queues.append(QueueSpec(worker_release_queue(worker), bindings=(Binding(RELEASES_EXCHANGE),)))
+    queues.append(
+        QueueSpec(
+            DEAD_TASKS_QUEUE,
+            single_active_consumer=True,
+            bindings=tuple(Binding(DEAD_LETTER_EXCHANGE, worker_task_queue(w)) for w in worker_ids),
+        )
+    )
     exchanges = (
         ExchangeSpec(TASKS_EXCHANGE, "direct"),
         ExchangeSpec(RELEASES_EXCHANGE, "fanout"),

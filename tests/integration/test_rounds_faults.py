@@ -442,7 +442,9 @@ def _run_with_a_worker_killed_by_its_task(cluster: Cluster, min_workers: int) ->
     for i in range(3):
         cluster.start_worker(f"w{i}")
     cluster.wait_workers_seen(["w0", "w1", "w2"])
-    run_id = cluster.start_run("m", rounds=1, min_workers=min_workers, deadline_s=15.0)
+    # A deadline far beyond the test's wait: only the coordinator noticing the dead-lettered task
+    # (fedmq.dead-tasks) can end the round in time.
+    run_id = cluster.start_run("m", rounds=1, min_workers=min_workers, deadline_s=3600.0)
     connection = pika.BlockingConnection(pika.URLParameters(cluster.settings.amqp_url))
     try:
         channel = connection.channel()
@@ -475,7 +477,8 @@ def test_a_task_that_kills_its_worker_every_time_is_dead_lettered_and_the_round_
     view = cluster.wait_run(run_id, timeout_s=120)
 
     # Assert: the broker gave up after its delivery limit (5 redeliveries) and dead-lettered the
-    # task with its reason; at the deadline the round closed with the other two workers' deltas.
+    # task with its reason; the coordinator counted the task as failed and closed the round with the
+    # other two workers' deltas at once, an hour before its deadline.
     assert deaths == 6
     assert headers["x-first-death-reason"] == "delivery_limit", headers
     assert headers["x-first-death-queue"] == "fedmq.tasks.w2"
@@ -483,7 +486,10 @@ def test_a_task_that_kills_its_worker_every_time_is_dead_lettered_and_the_round_
     (round_,) = view.rounds
     assert round_.state == "closed" and round_.result_version == 2
     assert sorted(d.worker for d in round_.deltas if d.status == "aggregated") == ["w0", "w1"]
-    assert round_.metrics["deltas"] == 2 and round_.answered == 2
+    assert round_.metrics["deltas"] == 2 and round_.answered == 3 == round_.tasks
+    assert "task" in cluster.log("coordinator") and "dead-lettered by the broker" in cluster.log(
+        "coordinator"
+    )
     audit = cluster.check_oracle()
     assert audit.unanswered == 1  # w2's task: no delta, never counted
 
@@ -494,13 +500,14 @@ def test_a_task_that_kills_its_worker_every_time_fails_a_round_that_needs_it(sql
     run_id, deaths, headers = _run_with_a_worker_killed_by_its_task(cluster, min_workers=3)
     view = cluster.wait_run(run_id, timeout_s=120)
 
-    # Assert: dead-lettered the same way; the round and the run failed by their rule, with the
-    # reason in SQL (as `fedmq rounds show` prints it), instead of waiting forever.
+    # Assert: dead-lettered the same way; with every task answered and too few deltas, the round
+    # and the run failed by their rule at once, with the reason in SQL (as `fedmq rounds show`
+    # prints it), instead of waiting for the deadline an hour away.
     assert deaths == 6 and headers["x-first-death-reason"] == "delivery_limit", headers
     assert view.state == "failed"
     (round_,) = view.rounds
     assert round_.state == "failed" and round_.result_version is None
-    assert round_.reason == "2 accepted deltas, quorum 3; deadline passed"
-    assert view.reason == "round 1: 2 accepted deltas, quorum 3; deadline passed"
+    assert round_.reason == "2 accepted deltas, quorum 3; every task answered"
+    assert view.reason == "round 1: 2 accepted deltas, quorum 3; every task answered"
     audit = cluster.check_oracle()
     assert audit.dropped == 2 and audit.versions == 0  # the accepted deltas went with the round
