@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common import keyfiles
 from common.errors import FedmqError
 from tests.unit.test_worker_refuses_envelopes import MODEL, make_release
 from worker.models import ModelStore
-
-
-@pytest.fixture(scope="module")
-def key() -> Ed25519PrivateKey:
-    return keyfiles.generate_key()
-
-
-@pytest.fixture
-def store(tmp_path: Path, key: Ed25519PrivateKey) -> ModelStore:
-    return ModelStore(tmp_path / "cache", key.public_key())
 
 
 def answering(store: ModelStore, release, fetched: list[int]):

@@ -13,7 +13,6 @@ import hashlib
 import pickle
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import dill
@@ -227,16 +226,6 @@ def hostile_releases(key: Ed25519PrivateKey) -> dict[str, tuple[ModelRelease, ty
 
 
 CASES = sorted(hostile_releases(keyfiles.generate_key()))
-
-
-@pytest.fixture(scope="module")
-def key() -> Ed25519PrivateKey:
-    return keyfiles.generate_key()
-
-
-@pytest.fixture
-def store(tmp_path: Path, key: Ed25519PrivateKey) -> ModelStore:
-    return ModelStore(tmp_path / "cache", key.public_key())
 
 
 def no_fetch(model: str, version: int) -> None:
