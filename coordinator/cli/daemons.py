@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from common.broker import RabbitmqBroker, broker_config_from_settings
+from common.memory import keep_freed_memory
 from common.settings import load_settings
 
 coordinator_app = typer.Typer(help="The coordinator daemon.", no_args_is_help=True)
@@ -46,6 +47,7 @@ def coordinator_run(
 
     Example: FEDMQ_AMQP_URL=amqp://guest:guest@localhost:5672/%2F fedmq coordinator run
     """
+    keep_freed_memory()  # before any thread starts: see common/memory.py
     from coordinator.db import Database, require_current
     from coordinator.registry import KeySigner, ModelRegistry
     from coordinator.service import Coordinator
@@ -68,17 +70,30 @@ def worker_run(
     data: Path = typer.Option(
         None, "--data", help="Directory of .npz files with x and y (overrides the config)."
     ),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="CPU threads the model code may use (BLAS, OpenMP, TensorFlow); overrides the "
+        "config's `threads`. Default: every core. Give each of N workers sharing a machine "
+        "about cores/N.",
+    ),
 ) -> None:
     """Run a worker until SIGTERM: train on local data for every task, answer apply jobs.
 
     Example: fedmq worker run --config .fedmq/workers/alice.toml --data data/alice
     """
+    keep_freed_memory()  # before any thread starts: see common/memory.py
     from worker.config import load_worker_config
     from worker.daemon import WorkerDaemon
     from worker.data import load_local_data
 
     _log_info()
     cfg = load_worker_config(config)
+    if threads is not None or cfg.threads is not None:
+        from worker.threads import limit_threads
+
+        limit_threads(threads if threads is not None else cfg.threads)
     data_path = data or (Path(cfg.data) if cfg.data else None)
     local = load_local_data(data_path) if data_path is not None else None
     broker = RabbitmqBroker(cfg.broker_config(), name=f"fedmq-worker-{cfg.name}")
