@@ -15,12 +15,32 @@ from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 import pika
+from pika.adapters.utils import io_services_utils
 
 from common.broker.config import BrokerConfig
 from common.broker.errors import translating_pika_errors
 from common.errors import BrokerUnreachableError, ConfigError
 
 logger = logging.getLogger(__name__)
+
+#: Bytes pika asks of one ``recv`` and reads per I/O event. pika's defaults (4 KiB and 100 KiB)
+#: suit small messages; a 4 MiB chunk then takes ~1000 ``recv`` calls, each appended to pika's
+#: immutable frame buffer (a copy of everything still pending). Measured here: consuming 100 MB
+#: in 4 MiB messages took 0.20-0.25 s of CPU with the defaults, 0.09-0.13 s with these.
+RECV_BYTES = 256 * 1024
+CONSUME_BYTES = 1024 * 1024
+
+
+def _tune_pika_reads() -> None:
+    transport = getattr(io_services_utils, "_AsyncTransportBase", None)
+    if transport is None or not hasattr(transport, "_MAX_RECV_BYTES"):
+        logger.warning("pika's transport has changed: large bodies are read with its defaults")
+        return
+    transport._MAX_RECV_BYTES = max(transport._MAX_RECV_BYTES, RECV_BYTES)
+    transport._MAX_CONSUME_BYTES = max(getattr(transport, "_MAX_CONSUME_BYTES", 0), CONSUME_BYTES)
+
+
+_tune_pika_reads()
 
 
 def _ssl_options(config: BrokerConfig, host: str) -> pika.SSLOptions:
