@@ -208,7 +208,9 @@ class WorkerDaemon:
 
     def run(self, stop: threading.Event) -> None:
         consumers = [
-            self.broker.consumer(worker_release_queue(self.config.name), self.on_release, prefetch=4),
+            self.broker.consumer(
+                worker_release_queue(self.config.name), self.on_release, prefetch=4, max_batch=4
+            ),
             self.broker.consumer(worker_task_queue(self.config.name), self.on_task, prefetch=1),
         ]
         for consumer in consumers:

@@ -51,8 +51,9 @@ class Broker(ABC):
         batch_handler: BatchHandler | None = None,
         max_batch: int = 1,
     ) -> MessageConsumer:
-        """A consumer of ``queue`` (not started); with ``batch_handler``, deliveries in hand at once
-        (up to ``max_batch``) are handled together (see :mod:`common.broker.processing`)."""
+        """A consumer of ``queue`` (not started). Deliveries in hand at once (up to ``max_batch``)
+        are settled together (their chunks made durable at once); with ``batch_handler`` they are
+        also handled together (see :mod:`common.broker.processing`)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -10,8 +10,12 @@ arrive in any order and any one of them can start a transfer.
 received in ``<id>.json`` (written after the data, fsynced, replaced atomically). Memory stays at one
 chunk whatever the body size. A chunk is safe to ack once :meth:`Reassembler.add` returned, so a
 process killed mid-transfer resumes from the same directory with the chunks RabbitMQ redelivers; a
-transfer whose state cannot be read is discarded with a warning. When the last chunk arrives the
-sha256 is checked and a :class:`CompletedTransfer` returned; after the message is handled,
+transfer whose state cannot be read is discarded with a warning. A consumer that holds several
+chunks at once stores them with ``add(..., sync=False)`` and makes them durable together with
+:meth:`Reassembler.sync` before acking any: one fsync per file per batch instead of two per chunk
+(4 MiB synchronous writes ran at ~370 MB/s here, one fsync after 400 MB at ~1.9 GB/s). When the
+last chunk arrives the sha256 is checked (hashed as the chunks arrived when they came in order,
+else read back) and a :class:`CompletedTransfer` returned; after the message is handled,
 :meth:`Reassembler.finish` deletes the files and remembers the id so late duplicates are ignored.
 A transfer that is discarded (bad sha256, damaged state, stale) is remembered too: its later chunks
 raise :class:`TransferError`, so the consumer dead-letters them with the reason instead of dropping
@@ -150,13 +154,30 @@ class CompletedTransfer:
     size: int
 
 
-def _fsync_write(path: Path, text: str) -> None:
+def _write_replace(path: Path, text: str, fsync: bool) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
-        os.fsync(handle.fileno())
+        if fsync:
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _RunningHash:
+    """sha256 of a transfer's chunks received in order so far (``next_index`` is the next one)."""
+
+    next_index: int
+    digest: Any
 
 
 class Reassembler:
@@ -178,6 +199,8 @@ class Reassembler:
         self.max_transfer_size = max_transfer_size
         self.stale_after_s = stale_after_s
         self.fsync = fsync
+        self._unsynced: set[str] = set()
+        self._hashes: dict[str, _RunningHash] = {}
         directory.mkdir(parents=True, exist_ok=True)
 
     def _paths(self, transfer_id: str) -> tuple[Path, Path, Path]:
@@ -211,9 +234,12 @@ class Reassembler:
         return received
 
     def add(
-        self, header: ChunkHeader, data: bytes | memoryview, sender: str | None = None
+        self, header: ChunkHeader, data: bytes | memoryview, sender: str | None = None, sync: bool = True
     ) -> CompletedTransfer | None:
         """Store one chunk; return the verified transfer once every chunk is in, else ``None``.
+
+        With ``sync=False`` the chunk is written but not yet durable: call :meth:`sync` before
+        acking it.
 
         ``sender`` is the broker-validated ``user_id`` of the chunk: every chunk of a transfer must
         come from the user who sent its first one. Duplicates are harmless (a duplicate of a finished
@@ -245,31 +271,56 @@ class Reassembler:
             with open(part, "wb") as handle:
                 handle.truncate(header.total_size)
         if header.index not in received:
+            durable_now = self.fsync and sync
             fd = os.open(part, os.O_WRONLY)
             try:
                 os.pwrite(fd, data, header.offset)
-                if self.fsync:
+                if durable_now:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if not received:
+                self._hashes[header.transfer_id] = _RunningHash(0, hashlib.sha256())
+            running = self._hashes.get(header.transfer_id)
+            if running is not None and running.next_index == header.index:
+                running.digest.update(data)
+                running.next_index += 1
             received.add(header.index)
             state = {
                 "header": {k: v for k, v in vars(header).items() if k != "index"},
                 "received": sorted(received),
                 "sender": sender,
             }
-            _fsync_write(meta, json.dumps(state))
+            _write_replace(meta, json.dumps(state), fsync=durable_now)
+            if self.fsync and not sync:
+                self._unsynced.add(header.transfer_id)
         if len(received) < header.count:
             return None
         self._verify(header, part)
         return CompletedTransfer(header.transfer_id, part, header.total_size)
 
+    def sync(self) -> None:
+        """Make every chunk stored with ``add(..., sync=False)`` durable (data, then state)."""
+        pending, self._unsynced = self._unsynced, set()
+        for transfer_id in sorted(pending):
+            part, meta, _ = self._paths(transfer_id)
+            try:
+                _fsync_path(part)
+                _fsync_path(meta)
+            except FileNotFoundError:
+                continue  # finished or discarded meanwhile: nothing left to keep
+
     def _verify(self, header: ChunkHeader, part: Path) -> None:
-        digest = hashlib.sha256()
-        with open(part, "rb") as handle:
-            while block := handle.read(_READ_BLOCK):
-                digest.update(block)
-        if digest.hexdigest() != header.sha256:
+        running = self._hashes.pop(header.transfer_id, None)
+        if running is not None and running.next_index == header.count:
+            hexdigest = running.digest.hexdigest()
+        else:  # chunks came out of order, or some before a restart: read the body back
+            digest = hashlib.sha256()
+            with open(part, "rb") as handle:
+                while block := handle.read(_READ_BLOCK):
+                    digest.update(block)
+            hexdigest = digest.hexdigest()
+        if hexdigest != header.sha256:
             self.discard(header.transfer_id)
             raise TransferError(f"transfer {header.transfer_id}: sha256 of the reassembled body differs")
 
@@ -279,6 +330,11 @@ class Reassembler:
         done.touch()
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
+        self._forget(transfer_id)
+
+    def _forget(self, transfer_id: str) -> None:
+        self._unsynced.discard(transfer_id)
+        self._hashes.pop(transfer_id, None)
 
     def discard(self, transfer_id: str) -> None:
         """Drop an incomplete or rejected transfer: its later chunks raise :class:`TransferError`."""
@@ -286,6 +342,7 @@ class Reassembler:
         self._discarded_marker(transfer_id).touch()
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
+        self._forget(transfer_id)
 
     def in_progress(self) -> list[str]:
         """Ids of transfers with chunks stored and not finished."""

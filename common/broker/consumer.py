@@ -82,9 +82,10 @@ class Consumer:
     """Consumes ``queue`` with ``handler`` until :meth:`stop`; see the module docstring.
 
     ``prefetch`` is how many unacked messages RabbitMQ may push ahead (1 for training tasks; a
-    window of a few chunks for large transfers). With a ``batch_handler``, up to ``max_batch``
-    deliveries already received (and at most about ``max_batch_bytes`` of bodies) are handled
-    together and settled together, after the handler returned (see
+    window of a few chunks for large transfers). Up to ``max_batch`` deliveries already received
+    (and at most about ``max_batch_bytes`` of bodies) are processed and settled together, after
+    the handler returned: the chunks among them are made durable with one fsync per transfer,
+    and with a ``batch_handler`` the complete messages are handled together (see
     :class:`~common.broker.processing.DeliveryProcessor`).
     """
 
@@ -103,7 +104,7 @@ class Consumer:
         self.config = config
         self.queue = queue
         self.prefetch = prefetch
-        self.max_batch = max(1, max_batch) if batch_handler is not None else 1
+        self.max_batch = max(1, max_batch)
         self.max_batch_bytes = max_batch_bytes
         self.name = name or f"fedmq-consumer-{queue}"
         reassembler = reassembler or Reassembler(config.transfers_dir(queue), config.max_transfer_size)

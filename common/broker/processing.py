@@ -165,6 +165,9 @@ class DeliveryProcessor:
                 ready.append(prepared)
         for item, decision in zip(ready, self._handle(ready), strict=True):
             decisions[item.index] = self._conclude(item, decision)
+        # Chunks were stored without fsync; make the batch's durable at once before any is acked
+        # (raising here: the caller gives the whole batch back, and handlers are idempotent).
+        self.reassembler.sync()
         return [d for d in decisions if d is not None]
 
     def _prepare(self, index: int, raw: RawDelivery) -> _Ready | Decision:
@@ -221,7 +224,7 @@ class DeliveryProcessor:
         if chunk is None:
             body = {"data": raw.body, "size": len(raw.body)}
         else:
-            completed = self.reassembler.add(chunk, raw.body, raw.user_id)
+            completed = self.reassembler.add(chunk, raw.body, raw.user_id, sync=False)
             if completed is None:
                 return None
             body = {"path": completed.path, "size": completed.size}

@@ -197,3 +197,59 @@ def test_any_order_with_duplicates_gives_back_the_body(tmp_path_factory, size, o
     completed = _feed(reassembler, sent)
 
     assert completed and all(c.path.read_bytes() == body for c in completed)
+
+
+def test_a_body_damaged_on_disk_before_a_restart_is_refused(tmp_path):
+    """After a restart the digest cannot come from the chunks seen: the file is read back."""
+    body = os.urandom(4 * CHUNK)
+    chunks = _chunks(body)
+    _feed(Reassembler(tmp_path), chunks[:2])
+    part = tmp_path / f"{chunks[0][0].transfer_id}.part"
+    damaged = bytearray(part.read_bytes())
+    damaged[10] ^= 0xFF
+    part.write_bytes(bytes(damaged))
+
+    restarted = Reassembler(tmp_path)
+    with pytest.raises(TransferError, match="sha256"):
+        _feed(restarted, chunks[2:])
+    assert list(tmp_path.glob("*.part")) == []
+
+
+def _counting_fsync(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_chunks_stored_without_sync_become_durable_together_on_sync(tmp_path, monkeypatch):
+    body = os.urandom(8 * CHUNK)
+    chunks = _chunks(body)
+    reassembler = Reassembler(tmp_path)
+    fsyncs = _counting_fsync(monkeypatch)
+
+    for header, data in chunks[:5]:
+        assert reassembler.add(header, data, sync=False) is None
+    assert fsyncs == []  # nothing durable yet: the caller must not ack these
+    reassembler.sync()
+    assert len(fsyncs) == 2  # the data file and the state file, once for five chunks
+
+    restarted = Reassembler(tmp_path)  # what a crash after the acks would find
+    assert [c.path.read_bytes() for c in _feed(restarted, chunks[5:])] == [body]
+
+
+def test_every_chunk_is_durable_when_add_returns_by_default(tmp_path, monkeypatch):
+    chunks = _chunks(os.urandom(3 * CHUNK))
+    reassembler = Reassembler(tmp_path)
+    fsyncs = _counting_fsync(monkeypatch)
+
+    reassembler.add(*chunks[0])
+
+    assert len(fsyncs) == 2  # data, then state
+    reassembler.sync()
+    assert len(fsyncs) == 2  # nothing was left pending

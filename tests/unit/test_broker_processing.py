@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pika.exceptions as px
 
 from common.broker.chunks import Reassembler, split_body
@@ -96,7 +98,7 @@ def test_a_broker_that_refuses_quorum_queues_gets_classic_durable_ones(tmp_path,
 
 
 class _FullDisk(Reassembler):
-    def add(self, header, data, sender=None):
+    def add(self, header, data, sender=None, sync=True):
         raise OSError(28, "No space left on device")
 
 
@@ -109,3 +111,26 @@ def test_a_full_disk_is_retried_then_dead_lettered_not_looped_forever(tmp_path):
 
     assert [d.outcome for d in outcomes] == [Outcome.RETRY, Outcome.DEAD_LETTER]
     assert "No space left" in outcomes[1].reason
+
+
+def test_the_chunks_of_a_batch_are_made_durable_once_before_any_is_acked(tmp_path, monkeypatch):
+    synced: list[int] = []
+    reassembler = Reassembler(tmp_path)
+    real_sync = reassembler.sync
+
+    def sync() -> None:
+        synced.append(len(list(tmp_path.glob("*.json"))))
+        real_sync()
+
+    monkeypatch.setattr(reassembler, "sync", sync)
+    handled: list[bytes] = []
+    processor = DeliveryProcessor("q", lambda d: handled.append(d.body), reassembler, max_attempts=2)
+    body = os.urandom(5000)
+    raws = [RawDelivery(body=bytes(data), headers=h.to_headers()) for h, data in split_body(body, 1024)]
+
+    first = processor.process_batch(raws[:3])
+    rest = processor.process_batch(raws[3:])
+
+    assert [d.outcome for d in first + rest] == [Outcome.ACK] * 5
+    assert synced == [1, 0]  # once per batch: the unfinished transfer, then nothing left to keep
+    assert handled == [body]
