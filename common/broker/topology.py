@@ -1,14 +1,15 @@
 """Exchanges and queues: their names, their properties, and declaring them idempotently.
 
 Properties that are not negotiable (DESIGN.md, "Topology"): durable queues, quorum queues where the
-broker supports them (classic durable queues otherwise, with the reason logged), a dead-letter queue
+broker supports them (classic durable queues otherwise, with the reason logged), except the
+workers' release queues (see :data:`RELEASE_QUEUES_QUORUM`), a dead-letter queue
 for every queue — named by :func:`dead_letter_queue_name` and reached through
 :data:`DEAD_LETTER_EXCHANGE` with the queue's name as routing key — delivery limits on quorum
 queues, single-active-consumer for the coordinator's queues.
 
 :func:`declare` may run any number of times (every process declares what it uses at start-up):
 declaring an existing queue with the same arguments is a no-op for RabbitMQ. A queue that already
-exists as a classic queue is kept as it is (RabbitMQ cannot convert it), with a warning.
+exists with the other type is kept as it is (RabbitMQ cannot convert it), with a warning.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ DEAD_TASKS_QUEUE = "fedmq.dead-tasks"
 RESULTS_EXCHANGE = "fedmq.results"
 RESULTS_ROUTE = "results"
 FETCH_ROUTE = "fetch"
+
+#: Release queues are classic durable queues. A release is a copy of a version SQL holds (a worker
+#: that misses one fetches it), and the fanout copies it into every worker's queue: classic queues
+#: keep one copy of a persistent body in the broker's shared message store whatever the number of
+#: queues, a quorum queue writes its own copy to its log. Measured on RabbitMQ 3.10, 2 cores, 100 MB
+#: in 4 MiB chunks fanned out to 4 queues: published and confirmed in 0.3-0.46 s (classic) against
+#: 0.8-1.24 s (quorum), with 0.2-0.3 s of broker CPU against 0.5-0.9 s.
+RELEASE_QUEUES_QUORUM = False
 
 ExchangeType = Literal["direct", "fanout", "topic", "headers"]
 QueueKind = Literal["quorum", "classic"]
@@ -151,7 +160,13 @@ def fedmq_topology(worker_ids: tuple[str, ...] = ()) -> Topology:
     ]
     for worker in worker_ids:
         queues.append(QueueSpec(worker_task_queue(worker), bindings=(Binding(TASKS_EXCHANGE, worker),)))
-        queues.append(QueueSpec(worker_release_queue(worker), bindings=(Binding(RELEASES_EXCHANGE),)))
+        queues.append(
+            QueueSpec(
+                worker_release_queue(worker),
+                quorum=RELEASE_QUEUES_QUORUM,
+                bindings=(Binding(RELEASES_EXCHANGE),),
+            )
+        )
     queues.append(
         QueueSpec(
             DEAD_TASKS_QUEUE,
@@ -186,9 +201,25 @@ def _declare_queue(
             )
             with translating_pika_errors():
                 channel = connection.channel()
+        with translating_pika_errors():
+            channel.queue_declare(spec.name, durable=True, arguments=queue_arguments(spec, "classic"))
+        return channel, "classic"
+    try:
+        with translating_pika_errors():
+            channel.queue_declare(spec.name, durable=True, arguments=queue_arguments(spec, "classic"))
+        return channel, "classic"
+    except BrokerChannelClosedError as exc:
+        if exc.reply_code != 406:  # PRECONDITION_FAILED: it exists with other arguments
+            raise
+        logger.warning(
+            "queue %s exists as a quorum queue (%s); keeping it (delete it to get a classic one)",
+            spec.name,
+            exc.reply_text,
+        )
     with translating_pika_errors():
-        channel.queue_declare(spec.name, durable=True, arguments=queue_arguments(spec, "classic"))
-    return channel, "classic"
+        channel = connection.channel()
+        channel.queue_declare(spec.name, durable=True, arguments=queue_arguments(spec, "quorum"))
+    return channel, "quorum"
 
 
 def declare(connection: pika.BlockingConnection, topology: Topology) -> DeclaredTopology:

@@ -18,7 +18,17 @@ from common.broker.chunks import ChunkHeader, CompletedTransfer, Reassembler
 from common.broker.connection import connect
 from common.broker.consumer import Consumer
 from common.broker.message import REASON_HEADER
-from common.broker.topology import Binding, ExchangeSpec, QueueSpec, Topology, dead_letter_queue_name
+from common.broker.topology import (
+    RESULTS_QUEUE,
+    Binding,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+    dead_letter_queue_name,
+    fedmq_topology,
+    worker_release_queue,
+    worker_task_queue,
+)
 from common.errors import (
     BrokerAccessRefusedError,
     BrokerChannelClosedError,
@@ -103,6 +113,24 @@ def test_declaring_the_topology_twice_is_harmless(broker, rabbitmq):
         if "\t" in row
     )
     assert types[name] == types[dead_letter_queue_name(name)] == "quorum"
+
+
+def _queue_types(rabbitmq) -> dict[str, str]:
+    rows = rabbitmq.ctl("list_queues", "--no-table-headers", "name", "type").splitlines()
+    return dict(row.split("\t") for row in rows if "\t" in row)
+
+
+def test_release_queues_are_classic_and_an_older_quorum_one_is_kept(broker, rabbitmq):
+    new, old = f"w-{uuid.uuid4().hex[:8]}", f"w-{uuid.uuid4().hex[:8]}"
+    broker.declare(Topology(queues=(QueueSpec(worker_release_queue(old)),)))  # as before: quorum
+
+    declared = broker.declare(fedmq_topology((new, old)))
+
+    types = _queue_types(rabbitmq)
+    assert declared.kinds[worker_release_queue(new)] == types[worker_release_queue(new)] == "classic"
+    assert declared.kinds[worker_release_queue(old)] == types[worker_release_queue(old)] == "quorum"
+    assert types[worker_task_queue(new)] == types[RESULTS_QUEUE] == "quorum"
+    assert broker.declare(fedmq_topology((new, old))).kinds == declared.kinds  # and again, harmlessly
 
 
 def test_a_mandatory_message_no_queue_takes_raises_our_error(broker, queue):
