@@ -41,6 +41,9 @@ NODE_FILE = "node.json"
 ENV_FILE = "rabbitmq-env.conf"
 # Sourced by RabbitMQ's start scripts (POSIX sh) after `su`: the soft open-files limit up to the hard one.
 RAISE_FILE_LIMIT = 'ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true\n'
+# The node shares its cores with the coordinator and workers on a development machine: Erlang's
+# schedulers must not spin waiting for work (RabbitMQ's runtime guide, "scheduler busy waiting").
+NO_BUSY_WAIT = 'SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none"\n'
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _SBIN = Path("/usr/sbin")
 _LIBBIN = Path("/usr/lib/rabbitmq/bin")
@@ -144,7 +147,7 @@ def _write_layout(node: DevNode, tls: TlsFiles | None) -> None:
     if tls is not None:
         conf += _tls_config(node, tls)
     (base / "rabbitmq.conf").write_text(conf)
-    (base / ENV_FILE).write_text(RAISE_FILE_LIMIT)
+    (base / ENV_FILE).write_text(RAISE_FILE_LIMIT + NO_BUSY_WAIT)
     plugins = base / "mnesia" / "plugins"
     if not plugins.exists():
         plugins.write_text("[].\n")
