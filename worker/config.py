@@ -37,6 +37,9 @@ class WorkerConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # CPU threads the model code may use (BLAS, OpenMP, TensorFlow); None: the libraries' own
+    # defaults (every core). See worker/threads.py.
+    threads: int | None = None
 
     def broker_config(self) -> BrokerConfig:
         """The worker's connection settings (its own user; TLS when the URL is ``amqps://``)."""
@@ -77,6 +80,8 @@ class WorkerConfig:
             value = getattr(self, key)
             if value:
                 lines.append(f"{key} = {_quote(str(value))}")
+        if self.threads is not None:
+            lines.append(f"threads = {int(self.threads)}")
         return "\n".join(lines) + "\n"
 
     def write(self, path: Path) -> None:
@@ -108,6 +113,9 @@ def load_worker_config(path: str | Path) -> WorkerConfig:
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    threads = raw.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"{path}: threads must be a whole number >= 1, not {threads!r}")
     config = WorkerConfig(**raw)
     config.public_key()
     return config

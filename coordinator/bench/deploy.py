@@ -142,8 +142,9 @@ class BenchDeployment:
     def start_coordinator(self) -> None:
         self.spawn("coordinator", "coordinator", "run")
 
-    def start_worker(self, name: str) -> None:
-        self.spawn(name, "worker", "run", "--config", str(self.workers[name].config_path))
+    def start_worker(self, name: str, threads: int | None = None) -> None:
+        extra = ("--threads", str(threads)) if threads is not None else ()
+        self.spawn(name, "worker", "run", "--config", str(self.workers[name].config_path), *extra)
 
     def log_tail(self, key: str, chars: int = 3000) -> str:
         path = self.root / f"{key}.log"

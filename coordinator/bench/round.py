@@ -5,6 +5,9 @@ the same initial weights, on the same synthetic local data (a few samples per wo
 same trivial training (one SGD epoch over those samples), aggregated by FedAvg, for the same
 number of rounds and workers, on this machine over loopback:
 
+Each worker's numeric code (BLAS, OpenMP) may use the machine's cores divided by the number of
+workers, at least one thread, on both sides (``threads_per_worker``; worker/threads.py says why).
+
 - fedmq: a private RabbitMQ node, SQLite, the coordinator and one process per worker. A round's
   time is its row's ``created_at`` (tasks written) to ``closed_at`` (aggregated, next version
   stored), from SQL.
@@ -43,6 +46,7 @@ from common.model.numpy_model import make_linear_model
 from coordinator.bench.deploy import BenchDeployment, sigterm_as_interrupt
 from coordinator.control import new_id, submit
 from coordinator.db.models import Round, Run
+from worker.threads import fair_share
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class RoundBenchResult:
     n_in: int
     n_out: int
     samples: int
+    # CPU threads each worker's numeric code may use on both sides (the machine's cores shared out)
+    threads_per_worker: int
     fedmq_round_s: list[float]
     fedmq_median_s: float
     flower_runtime: str  # "deployment" (SuperLink + SuperNodes), or "none" (skipped / failed)
@@ -98,7 +104,14 @@ def local_data(node: int, samples: int, n_in: int, n_out: int) -> tuple[np.ndarr
 
 
 def run_fedmq(
-    root: Path, workers: int, rounds: int, n_in: int, n_out: int, samples: int, progress: Progress
+    root: Path,
+    workers: int,
+    rounds: int,
+    n_in: int,
+    n_out: int,
+    samples: int,
+    progress: Progress,
+    threads: int = 1,
 ) -> list[float]:
     """Round times of a fedmq run (see the module docstring)."""
     with BenchDeployment.start(root) as dep:
@@ -109,7 +122,7 @@ def run_fedmq(
             dep.add_worker(name, local_data(i, samples, n_in, n_out))
         dep.start_coordinator()
         for name in names:
-            dep.start_worker(name)
+            dep.start_worker(name, threads=threads)
         dep.wait_workers_seen(names)
         run_id = new_id()
         progress(f"fedmq: {rounds} rounds with {workers} workers")
@@ -261,7 +274,14 @@ def _alive(pid: int) -> bool:
 
 
 def run_flower(
-    root: Path, workers: int, rounds: int, n_in: int, n_out: int, samples: int, progress: Progress
+    root: Path,
+    workers: int,
+    rounds: int,
+    n_in: int,
+    n_out: int,
+    samples: int,
+    progress: Progress,
+    threads: int = 1,
 ) -> list[float]:
     """Round times of the same FedAvg run on Flower's deployment runtime."""
     bin_dir = ensure_flower_venv(progress)
@@ -276,6 +296,10 @@ def run_flower(
     )
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
+    # The same thread cap as fedmq's workers, for every Flower process (ClientApps inherit it).
+    env.update(
+        {name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    )
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -355,14 +379,18 @@ def run_round_benchmark(
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, 0o755)  # the RabbitMQ node runs as its own user below it
         progress(f"model {n_in}x{n_out} float32 ({(n_in * n_out + n_out) * 4 / 1e6:.2f} MB)")
-        fedmq_times = run_fedmq(base / "fedmq", workers, rounds, n_in, n_out, samples, progress)
+        threads = fair_share(workers)
+        progress(f"each worker's numeric code on {threads} CPU thread(s), on both sides")
+        fedmq_times = run_fedmq(base / "fedmq", workers, rounds, n_in, n_out, samples, progress, threads)
         fedmq_median = statistics.median(fedmq_times)
         progress(f"fedmq: median round {fedmq_median * 1000:.1f} ms")
         flower_times: list[float] = []
         note = "Flower skipped (--no-flower)"
         if flower:
             try:
-                flower_times = run_flower(base / "flower", workers, rounds, n_in, n_out, samples, progress)
+                flower_times = run_flower(
+                    base / "flower", workers, rounds, n_in, n_out, samples, progress, threads
+                )
                 note = ""
             except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as exc:
                 logger.warning("Flower run failed: %s", exc)
@@ -378,6 +406,7 @@ def run_round_benchmark(
         n_in=n_in,
         n_out=n_out,
         samples=samples,
+        threads_per_worker=threads,
         fedmq_round_s=fedmq_times,
         fedmq_median_s=fedmq_median,
         flower_runtime="deployment" if flower_times else "none",

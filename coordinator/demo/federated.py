@@ -35,6 +35,7 @@ from coordinator.db import Database, upgrade
 from coordinator.registry import KeySigner, ModelRegistry
 from coordinator.reports import RunView, run_view
 from coordinator.workers import add_worker
+from worker.threads import fair_share
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def run_federated_demo(
                     "run",
                     "--config",
                     str(workdir / "workers" / f"worker-{i + 1}.toml"),
+                    "--threads",
+                    str(fair_share(workers)),
                 )
             run_id = new_id()
             submit(
