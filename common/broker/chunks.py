@@ -35,7 +35,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,26 @@ class _RunningHash:
     digest: Any
 
 
+@dataclass
+class _Open:
+    """A transfer this reassembler is receiving: its framing, state and open data file.
+
+    Kept in memory between chunks so that storing one is one ``pwrite`` (each file operation
+    releases and re-takes the GIL, which the consumer's I/O thread holds while it parses frames).
+    """
+
+    header: ChunkHeader  # with index 0
+    sender: str | None
+    received: set[int]
+    part: Path
+    meta: Path
+    fd: int
+    running: _RunningHash | None  # None: chunks came before a restart, the body is read back
+
+
+_MAX_OPEN = 64  # open transfers kept in memory; older ones are closed (their state kept on disk)
+
+
 class Reassembler:
     """Reassembles chunked transfers in ``directory`` (created; reused across restarts).
 
@@ -200,7 +220,7 @@ class Reassembler:
         self.stale_after_s = stale_after_s
         self.fsync = fsync
         self._unsynced: set[str] = set()
-        self._hashes: dict[str, _RunningHash] = {}
+        self._open: dict[str, _Open] = {}  # transfers with chunks in this process, oldest first
         directory.mkdir(parents=True, exist_ok=True)
 
     def _paths(self, transfer_id: str) -> tuple[Path, Path, Path]:
@@ -247,6 +267,46 @@ class Reassembler:
         another sender, conflicting framing, a body over ``max_transfer_size``, or — on completion —
         a sha256 mismatch (the transfer is discarded).
         """
+        entry = self._open.get(header.transfer_id)
+        if entry is None:
+            entry = self._start(header, data, sender)
+            if entry is None:
+                return None
+        else:
+            self._check_chunk(header, data)
+            if not entry.header.same_transfer(header):
+                raise TransferError(f"chunk of transfer {header.transfer_id} disagrees with earlier chunks")
+            if entry.sender != sender:
+                raise TransferError(
+                    f"chunk of transfer {header.transfer_id} sent by {sender!r}, "
+                    f"not by {entry.sender!r} who started it"
+                )
+        if header.index not in entry.received:
+            os.pwrite(entry.fd, data, header.offset)
+            running = entry.running
+            if running is not None and running.next_index == header.index:
+                running.digest.update(data)
+                running.next_index += 1
+            entry.received.add(header.index)
+            if sync:
+                self._persist(entry)
+            else:
+                self._unsynced.add(header.transfer_id)
+        if len(entry.received) < header.count:
+            return None
+        self._verify(entry)
+        return CompletedTransfer(header.transfer_id, entry.part, header.total_size)
+
+    def _check_chunk(self, header: ChunkHeader, data: bytes | memoryview) -> None:
+        if header.total_size > self.max_transfer_size:
+            raise TransferError(f"transfer of {header.total_size} bytes exceeds {self.max_transfer_size}")
+        if len(data) != header.expected_length:
+            raise TransferError(
+                f"chunk {header.index} has {len(data)} bytes, expected {header.expected_length}"
+            )
+
+    def _start(self, header: ChunkHeader, data: bytes | memoryview, sender: str | None) -> _Open | None:
+        """The open transfer ``header`` belongs to, from disk or new; None if it finished already."""
         part, meta, done = self._paths(header.transfer_id)
         if done.exists():
             logger.debug("ignoring chunk %d of finished transfer %s", header.index, header.transfer_id)
@@ -255,68 +315,70 @@ class Reassembler:
             raise TransferError(
                 f"transfer {header.transfer_id} was discarded earlier; chunk {header.index} refused"
             )
-        if header.total_size > self.max_transfer_size:
-            raise TransferError(f"transfer of {header.total_size} bytes exceeds {self.max_transfer_size}")
-        if len(data) != header.expected_length:
-            raise TransferError(
-                f"chunk {header.index} has {len(data)} bytes, expected {header.expected_length}"
-            )
+        self._check_chunk(header, data)
         received = self._load_state(header, sender)
         if received is None and self._discarded_marker(header.transfer_id).exists():
             raise TransferError(
                 f"transfer {header.transfer_id} was damaged and discarded; chunk {header.index} refused"
             )
+        running: _RunningHash | None = None
         if received is None:
             received = set()
+            running = _RunningHash(0, hashlib.sha256())
             with open(part, "wb") as handle:
                 handle.truncate(header.total_size)
-        if header.index not in received:
-            durable_now = self.fsync and sync
-            fd = os.open(part, os.O_WRONLY)
-            try:
-                os.pwrite(fd, data, header.offset)
-                if durable_now:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            if not received:
-                self._hashes[header.transfer_id] = _RunningHash(0, hashlib.sha256())
-            running = self._hashes.get(header.transfer_id)
-            if running is not None and running.next_index == header.index:
-                running.digest.update(data)
-                running.next_index += 1
-            received.add(header.index)
-            state = {
-                "header": {k: v for k, v in vars(header).items() if k != "index"},
-                "received": sorted(received),
-                "sender": sender,
-            }
-            _write_replace(meta, json.dumps(state), fsync=durable_now)
-            if self.fsync and not sync:
-                self._unsynced.add(header.transfer_id)
-        if len(received) < header.count:
-            return None
-        self._verify(header, part)
-        return CompletedTransfer(header.transfer_id, part, header.total_size)
+        fd = os.open(part, os.O_WRONLY)
+        entry = _Open(replace(header, index=0), sender, received, part, meta, fd, running)
+        self._open[header.transfer_id] = entry
+        while len(self._open) > _MAX_OPEN:  # many transfers at once: close the oldest, kept on disk
+            oldest = next(iter(self._open))
+            self._write_state(self._open[oldest], fsync=False)
+            self._close(oldest)
+        return entry
+
+    def _write_state(self, entry: _Open, fsync: bool) -> None:
+        state = {
+            "header": {k: v for k, v in vars(entry.header).items() if k != "index"},
+            "received": sorted(entry.received),
+            "sender": entry.sender,
+        }
+        _write_replace(entry.meta, json.dumps(state), fsync=fsync)
+
+    def _persist(self, entry: _Open) -> None:
+        """Record the chunks of ``entry`` on disk: the data first, then the state naming them."""
+        if self.fsync:
+            os.fsync(entry.fd)
+        self._write_state(entry, fsync=self.fsync)
 
     def sync(self) -> None:
         """Make every chunk stored with ``add(..., sync=False)`` durable (data, then state)."""
         pending, self._unsynced = self._unsynced, set()
         for transfer_id in sorted(pending):
-            part, meta, _ = self._paths(transfer_id)
+            entry = self._open.get(transfer_id)
+            if entry is not None:
+                self._persist(entry)
+                continue
+            if not self.fsync:
+                continue
+            part, meta, _ = self._paths(transfer_id)  # closed early; its state was written then
             try:
                 _fsync_path(part)
                 _fsync_path(meta)
             except FileNotFoundError:
                 continue  # finished or discarded meanwhile: nothing left to keep
 
-    def _verify(self, header: ChunkHeader, part: Path) -> None:
-        running = self._hashes.pop(header.transfer_id, None)
+    def _close(self, transfer_id: str) -> None:
+        entry = self._open.pop(transfer_id, None)
+        if entry is not None:
+            os.close(entry.fd)
+
+    def _verify(self, entry: _Open) -> None:
+        header, running = entry.header, entry.running
         if running is not None and running.next_index == header.count:
             hexdigest = running.digest.hexdigest()
         else:  # chunks came out of order, or some before a restart: read the body back
             digest = hashlib.sha256()
-            with open(part, "rb") as handle:
+            with open(entry.part, "rb") as handle:
                 while block := handle.read(_READ_BLOCK):
                     digest.update(block)
             hexdigest = digest.hexdigest()
@@ -334,7 +396,7 @@ class Reassembler:
 
     def _forget(self, transfer_id: str) -> None:
         self._unsynced.discard(transfer_id)
-        self._hashes.pop(transfer_id, None)
+        self._close(transfer_id)
 
     def discard(self, transfer_id: str) -> None:
         """Drop an incomplete or rejected transfer: its later chunks raise :class:`TransferError`."""
@@ -353,6 +415,8 @@ class Reassembler:
         now = time.time() if now is None else now
         dropped: list[str] = []
         markers = [*self.directory.glob("*.done"), *self.directory.glob("*.discarded")]
+        # data files whose state was never written (a crash before the first chunk was acked)
+        markers += [p for p in self.directory.glob("*.part") if not p.with_suffix(".json").exists()]
         for path in list(self.directory.glob("*.json")) + markers:
             try:
                 age = now - path.stat().st_mtime

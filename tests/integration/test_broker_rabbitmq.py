@@ -293,9 +293,9 @@ class _CountingReassembler(Reassembler):
         self.after = after
 
     def add(
-        self, header: ChunkHeader, data: bytes | memoryview, sender: str | None = None
+        self, header: ChunkHeader, data: bytes | memoryview, sender: str | None = None, sync: bool = True
     ) -> CompletedTransfer | None:
-        result = super().add(header, data, sender)
+        result = super().add(header, data, sender, sync)
         self.stored += 1
         self.after(self.stored)
         return result

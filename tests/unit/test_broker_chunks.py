@@ -253,3 +253,26 @@ def test_every_chunk_is_durable_when_add_returns_by_default(tmp_path, monkeypatc
     assert len(fsyncs) == 2  # data, then state
     reassembler.sync()
     assert len(fsyncs) == 2  # nothing was left pending
+
+
+def test_more_transfers_at_once_than_kept_open_all_complete(tmp_path):
+    bodies = [os.urandom(3 * CHUNK) for _ in range(80)]  # more than the reassembler keeps open
+    transfers = [_chunks(body) for body in bodies]
+    reassembler = Reassembler(tmp_path)
+
+    completed = []
+    for round_ in range(3):  # chunk 0 of every transfer, then chunk 1 of every one, ...
+        completed += _feed(reassembler, [chunks[round_] for chunks in transfers])
+
+    assert sorted(c.path.read_bytes() for c in completed) == sorted(bodies)
+
+
+def test_a_data_file_left_without_state_by_a_crash_is_cleaned_up_when_stale(tmp_path):
+    header, data = _chunks(os.urandom(3 * CHUNK))[0]
+    reassembler = Reassembler(tmp_path, stale_after_s=60)
+    reassembler.add(header, data, sync=False)  # killed before the batch was synced and acked
+
+    restarted = Reassembler(tmp_path, stale_after_s=60)
+    restarted.expire(now=time.time() + 61)
+
+    assert list(tmp_path.glob("*.part")) == []
