@@ -23,6 +23,9 @@ import msgpack
 
 from common.errors import DecodeError
 
+if typing.TYPE_CHECKING:
+    from common.codec import WeightFrame
+
 SCHEMA_VERSION = 1
 MAX_MAP_BYTES = 256 * 1024
 MAX_NESTING = 32
@@ -48,14 +51,31 @@ class Message:
                 raise TypeError(f"message type {cls.TYPE!r} is defined twice")
             _REGISTRY[cls.TYPE] = cls
 
+    def _head(self, payload_size: int) -> bytes:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "payload"}
+        return msgpack.packb(
+            {"v": SCHEMA_VERSION, "type": self.TYPE, **fields, "payload": payload_size}, use_bin_type=True
+        )
+
     def encode(self) -> bytes:
         """The body to publish."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "payload"}
         payload = bytes(getattr(self, "payload", b"")) if self.HAS_PAYLOAD else b""
-        head = msgpack.packb(
-            {"v": SCHEMA_VERSION, "type": self.TYPE, **fields, "payload": len(payload)}, use_bin_type=True
-        )
+        head = self._head(len(payload))
         return head + payload if payload else head
+
+    def encode_with_frame(self, frame: WeightFrame) -> bytearray:
+        """The body of this message with ``frame`` (a laid-out weight frame) as its payload.
+
+        The frame is written straight after the map: one copy of the weights, where encoding the
+        frame and then the message makes two. ``payload`` itself must be empty.
+        """
+        if not self.HAS_PAYLOAD or len(getattr(self, "payload", b"")):
+            raise TypeError(f"{type(self).__name__}: the frame must be the message's only payload")
+        head = self._head(frame.nbytes)
+        body = bytearray(len(head) + frame.nbytes)
+        body[: len(head)] = head
+        frame.write_into(memoryview(body)[len(head) :])
+        return body
 
 
 _Schema = tuple[dict[str, Any], frozenset[str], frozenset[str]]

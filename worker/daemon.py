@@ -104,12 +104,18 @@ class WorkerDaemon:
 
     # ------------------------------------------------------------------------- publishing
 
-    def _send(self, message: Message, routing_key: str = RESULTS_ROUTE, reply_to: str | None = None) -> None:
+    def _send(
+        self,
+        message: Message,
+        routing_key: str = RESULTS_ROUTE,
+        reply_to: str | None = None,
+        frame: codec.WeightFrame | None = None,
+    ) -> None:
         self.broker.publish(
             OutgoingMessage(
                 exchange=RESULTS_EXCHANGE,
                 routing_key=routing_key,
-                body=message.encode(),
+                body=message.encode() if frame is None else message.encode_with_frame(frame),
                 message_id=uuid.uuid4().hex,
                 reply_to=reply_to,
             )
@@ -180,9 +186,9 @@ class WorkerDaemon:
             base_weights_sha256=task.weights_sha256,
             sample_count=result.sample_count,
             metrics={**result.metrics, "task_seconds": time.perf_counter() - started},
-            payload=codec.encode_weights(result.delta),
         )
-        self._send(report)  # returns after the broker confirmed it; then the task is acked
+        # The frame is written straight into the body: one copy of the delta, not two.
+        self._send(report, frame=codec.layout_frame(result.delta))  # confirmed; then the task is acked
         fault_point("worker-after-delta-publish")
         logger.info("task %s: delta against %s v%d sent", task.task_id, task.model, task.version)
 

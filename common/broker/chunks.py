@@ -132,7 +132,7 @@ def strip_chunk_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (headers or {}).items() if k not in CHUNK_HEADERS}
 
 
-def split_body(body: bytes, chunk_size: int) -> Iterator[tuple[ChunkHeader, memoryview]]:
+def split_body(body: bytes | bytearray, chunk_size: int) -> Iterator[tuple[ChunkHeader, memoryview]]:
     """Cut ``body`` into chunks of ``chunk_size`` bytes (views, no copies) with their framing."""
     if not body:
         raise TransferError("an empty body is never chunked")

@@ -31,7 +31,7 @@ class OutgoingMessage:
 
     exchange: str
     routing_key: str
-    body: bytes
+    body: bytes | bytearray
     headers: Mapping[str, Any] = field(default_factory=dict)
     message_id: str | None = None
     correlation_id: str | None = None

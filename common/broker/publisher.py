@@ -73,7 +73,7 @@ class Publisher:
         return channel
 
     def _publish_one(
-        self, message: OutgoingMessage, body: bytes | memoryview, headers: dict[str, Any]
+        self, message: OutgoingMessage, body: bytes | bytearray | memoryview, headers: dict[str, Any]
     ) -> None:
         properties = message_properties(message, self._user, headers)
         delays = backoff_delays(self.config.reconnect_initial_s, self.config.reconnect_max_s)

@@ -147,7 +147,7 @@ class StubBroker(Broker):
 
     def publish(self, message: OutgoingMessage) -> None:
         base = RawDelivery(
-            body=message.body,
+            body=bytes(message.body),
             exchange=message.exchange,
             routing_key=message.routing_key,
             headers=dict(message.headers),
