@@ -214,8 +214,14 @@ class WorkerDaemon:
 
     def run(self, stop: threading.Event) -> None:
         consumers = [
+            # A release is verified (signature, sha256) whenever it is used, from here or from the
+            # cache, and the coordinator sends it again on request: its chunks need no fsync.
             self.broker.consumer(
-                worker_release_queue(self.config.name), self.on_release, prefetch=4, max_batch=4
+                worker_release_queue(self.config.name),
+                self.on_release,
+                prefetch=4,
+                max_batch=4,
+                durable_chunks=False,
             ),
             self.broker.consumer(worker_task_queue(self.config.name), self.on_task, prefetch=1),
         ]

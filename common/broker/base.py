@@ -50,10 +50,15 @@ class Broker(ABC):
         *,
         batch_handler: BatchHandler | None = None,
         max_batch: int = 1,
+        durable_chunks: bool = True,
     ) -> MessageConsumer:
         """A consumer of ``queue`` (not started). Deliveries in hand at once (up to ``max_batch``)
         are settled together (their chunks made durable at once); with ``batch_handler`` they are
-        also handled together (see :mod:`common.broker.processing`)."""
+        also handled together (see :mod:`common.broker.processing`).
+
+        ``durable_chunks=False``: chunks are acked once written, without fsync — only for bodies
+        that are verified before use and can be had again (a worker's releases): an OS crash may
+        lose such a transfer, a process crash never does."""
 
     @abstractmethod
     def close(self) -> None:

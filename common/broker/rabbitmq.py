@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 from common.broker.base import Broker, MessageConsumer
+from common.broker.chunks import Reassembler
 from common.broker.config import BrokerConfig
 from common.broker.connection import close_quietly, connect_with_retry
 from common.broker.consumer import Consumer
@@ -73,7 +74,11 @@ class RabbitmqBroker(Broker):
         *,
         batch_handler: BatchHandler | None = None,
         max_batch: int = 1,
+        durable_chunks: bool = True,
     ) -> RabbitmqConsumer:
+        reassembler = Reassembler(
+            self.config.transfers_dir(queue), self.config.max_transfer_size, fsync=durable_chunks
+        )
         return RabbitmqConsumer(
             Consumer(
                 self.config,
@@ -81,6 +86,7 @@ class RabbitmqBroker(Broker):
                 handler,
                 prefetch=prefetch,
                 name=f"{self.name}-consumer-{queue}",
+                reassembler=reassembler,
                 batch_handler=batch_handler,
                 max_batch=max_batch,
             )

@@ -173,6 +173,7 @@ class StubBroker(Broker):
         *,
         batch_handler: BatchHandler | None = None,
         max_batch: int = 1,
+        durable_chunks: bool = True,
     ) -> StubConsumer:
         if queue not in self.queues:
             raise BrokerChannelClosedError(f"no queue {queue!r}", 404, "NOT_FOUND")

@@ -443,3 +443,25 @@ def test_a_consumer_whose_queue_is_deleted_stops_with_a_clear_error(config, queu
 
     assert isinstance(consumer.error, BrokerChannelClosedError)
     assert consumer.error.reply_code == 404
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_chunks_are_fsynced_before_their_ack_unless_the_consumer_says_they_need_not_be(
+    broker, queue, monkeypatch, durable
+):
+    body = os.urandom(10 * MIB)  # three 4 MiB chunks
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    received: list[bytes] = []
+    _send(broker, queue, body)
+
+    consumer = broker.consumer(queue, lambda d: received.append(d.body), prefetch=4, durable_chunks=durable)
+    consumer.start()
+    try:
+        _wait_for(lambda: len(received) == 1, "the reassembled body")
+    finally:
+        consumer.stop()
+
+    assert received == [body]
+    assert bool(fsyncs) is durable
