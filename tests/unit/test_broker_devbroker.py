@@ -59,3 +59,12 @@ def test_every_node_gets_an_env_file_that_raises_its_open_files_limit(tmp_path, 
     )
     assert shell.stdout.strip() == (str(hard) if hard != resource.RLIM_INFINITY else "65536")
     assert int(shell.stdout) > 1024
+    # ... and tells the Erlang schedulers not to spin: the node shares its cores with our processes.
+    args = subprocess.run(
+        ["sh", "-c", '. "$RABBITMQ_CONF_ENV_FILE"; echo "$SERVER_ADDITIONAL_ERL_ARGS"'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert args == ["+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"]
