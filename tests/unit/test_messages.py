@@ -152,22 +152,12 @@ def test_mutated_valid_bodies_only_ever_give_decode_errors_or_a_valid_message(da
 
 def test_a_delta_encoded_with_its_frame_is_the_same_body_as_with_the_encoded_payload():
     delta = [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones(5, dtype=np.float32)]
-    fields = dict(
-        task_id="t",
-        round_id=1,
-        worker="w",
-        model="m",
-        base_version=2,
-        base_weights_sha256="0" * 64,
-        sample_count=7,
-        metrics={"loss": 0.5},
-    )
-    plain = DeltaReport(**fields, payload=codec.encode_weights(delta)).encode()
+    plain = a_delta(codec.encode_weights(delta)).encode()
 
-    framed = DeltaReport(**fields).encode_with_frame(codec.layout_frame(delta))
+    framed = a_delta().encode_with_frame(codec.layout_frame(delta))
 
     assert bytes(framed) == plain
     decoded = decode(framed)
     assert [a.tolist() for a in codec.decode_weights(decoded.payload)] == [a.tolist() for a in delta]
     with pytest.raises(TypeError, match="only payload"):
-        DeltaReport(**fields, payload=b"x").encode_with_frame(codec.layout_frame(delta))
+        a_delta(b"x").encode_with_frame(codec.layout_frame(delta))
