@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import DevBrokerError
+from common.ports import free_port as free_port
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ class TlsFiles:
     ca_file: Path
     cert_file: Path
     key_file: Path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _running_as_root() -> bool:
@@ -246,7 +240,7 @@ def start(
         if port is not None and port != running.port:
             raise DevBrokerError(f"a node already runs in {base} on port {running.port}, not {port}")
         return running
-    server = _script("rabbitmq-server")
+    _script("rabbitmq-server")  # not installed: say so before anything is written
     prior = _load(base)
     if port is not None:
         amqp_port = port
@@ -264,12 +258,56 @@ def start(
         tls_port=0 if tls is None else (tls_port or free_port()),
     )
     base.mkdir(parents=True, exist_ok=True)
-    _write_layout(node, tls)
+    deadline = time.monotonic() + timeout
+    reason = ""
+    for attempt in range(1, _BOOT_ATTEMPTS + 1):
+        _write_layout(node, tls)
+        try:
+            return _boot(node, deadline)
+        except _DistPortTakenError as exc:
+            # Another process took the distribution port between free_port() and the node's bind.
+            reason = str(exc)
+            logger.warning(
+                "distribution port %d was taken (attempt %d); trying another", node.dist_port, attempt
+            )
+            node = DevNode(**{**asdict(node), "dist_port": free_port(), "pid": None})
+    raise DevBrokerError(
+        f"RabbitMQ node did not start: its distribution port was in use at each of {_BOOT_ATTEMPTS} "
+        f"attempt(s) ({reason}); see {base / 'startup.log'}"
+    )
+
+
+class _DistPortTakenError(Exception):
+    """The node exited at boot because its Erlang distribution port was in use."""
+
+
+_BOOT_ATTEMPTS = 3
+_DIST_PORT_TAKEN = "dist_port_already_used"
+
+
+def _boot_failure(log_path: Path, offset: int) -> str:
+    """The reason the node gave for exiting at boot, from what it wrote to ``log_path`` after ``offset``."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    for line in reversed(text.splitlines()):
+        if line.startswith(("Kernel pid terminated", "ERROR:", "BOOT FAILED")):
+            return line.strip()[:500]
+    return ""
+
+
+def _boot(node: DevNode, deadline: float) -> DevNode:
+    """Start ``node``'s server and wait until it accepts clients (or raise with the reason it gave)."""
+    base = Path(node.directory)
     log_path = base / "startup.log"
     logger.info("starting RabbitMQ node %s on port %d in %s", node.nodename, node.port, base)
     with open(log_path, "ab") as log:
+        offset = log.tell()
         proc = subprocess.Popen(
-            [server],
+            [_script("rabbitmq-server")],
             env=_node_env(node),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -279,18 +317,21 @@ def start(
         )
     node = DevNode(**{**asdict(node), "pid": proc.pid})
     _save(node)
-    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            reason = _boot_failure(log_path, offset)
+            if _DIST_PORT_TAKEN in reason:
+                raise _DistPortTakenError(reason)
+            said = f": {reason}" if reason else ""
             raise DevBrokerError(
-                f"rabbitmq-server exited with code {proc.returncode}; see {log_path} and {base / 'log'}"
+                f"rabbitmq-server exited with code {proc.returncode}{said}; see {log_path} and {base / 'log'}"
             )
         if is_running(node):
             logger.info("RabbitMQ node %s is up at %s", node.nodename, node.amqp_url)
             return node
         time.sleep(0.5)
     _terminate(proc.pid)
-    raise DevBrokerError(f"RabbitMQ node did not start within {timeout:.0f} s; see {log_path}")
+    raise DevBrokerError(f"RabbitMQ node did not start in time; see {log_path}")
 
 
 def _terminate(pid: int) -> None:

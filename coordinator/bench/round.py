@@ -43,6 +43,7 @@ from sqlalchemy import select
 
 from common.messages import StartRun
 from common.model.numpy_model import make_linear_model
+from common.ports import free_port
 from coordinator.bench.deploy import BenchDeployment, sigterm_as_interrupt
 from coordinator.control import new_id, submit
 from coordinator.db.models import Round, Run
@@ -207,12 +208,6 @@ def _wheel_requirements(wheel: Path) -> list[str]:
     return ["certifi" if r.startswith("certifi") else r for r in requires]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -288,7 +283,7 @@ def run_flower(
     root.mkdir(parents=True, exist_ok=True)
     home, app, timing = root / "flwr-home", root / "app", root / "timing.jsonl"
     shutil.copytree(FLOWER_APP, app, dirs_exist_ok=True)
-    link_port = _free_port()
+    link_port = free_port()
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link_port}"\n'
@@ -329,7 +324,7 @@ def run_flower(
                 "--superlink",
                 f"127.0.0.1:{link_port}",
                 "--port",
-                str(_free_port()),
+                str(free_port()),
                 "--node-config",
                 f"partition-id={i}",
             )

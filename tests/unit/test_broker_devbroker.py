@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import resource
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from common import devbroker
+from common import devbroker, ports
 from common.errors import DevBrokerError
 
 
@@ -68,3 +69,28 @@ def test_every_node_gets_an_env_file_that_raises_its_open_files_limit(tmp_path, 
         check=True,
     ).stdout.split()
     assert args == ["+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"]
+
+
+def test_free_ports_come_from_outside_the_range_clients_connect_from():
+    # A port from the ephemeral range can be taken by a client's connection before (or while, on a
+    # restart) the server binds it; RabbitMQ then exits at boot.
+    low, high = ports.ephemeral_range()
+
+    chosen = [ports.free_port() for _ in range(50)]
+
+    assert all(not low <= port <= high and port >= 1024 for port in chosen)
+    for port in chosen[:5]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # free a moment ago, so free now on a quiet machine
+
+
+def test_free_port_falls_back_to_the_os_when_the_ephemeral_range_leaves_no_room(tmp_path, monkeypatch):
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text("1024\t65535\n")
+    monkeypatch.setattr(ports, "_RANGE_FILE", range_file)
+
+    port = ports.free_port()
+
+    assert 1024 <= port <= 65535
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
