@@ -39,7 +39,7 @@ from common.errors import ConfigError, DecodeError, NotFoundError
 from common.faults import fault_point
 from common.messages import CancelRun, DeltaReport, StartRun, TaskFailed, TrainTask
 from coordinator.control import check_start_run
-from coordinator.db.blobs import read_blob, write_blob, write_blobs
+from coordinator.db.blobs import FileRegion, read_blob, write_blob, write_blobs
 from coordinator.db.engine import Database
 from coordinator.db.models import Delta, Model, ModelVersion, OutboxMessage, Round, Run, Task, Worker
 from coordinator.registry import ModelRegistry
@@ -113,7 +113,7 @@ class _Intake:
     _runs: dict[str, Run | None] = field(default_factory=dict)
     _buffers: dict[str, Round | None] = field(default_factory=dict)
     _counts: dict[int, int] = field(default_factory=dict)
-    _accepted: list[tuple[Delta, memoryview]] = field(default_factory=list)
+    _accepted: list[tuple[Delta, memoryview, FileRegion | None]] = field(default_factory=list)
     decoded: list[tuple[Delta, list[np.ndarray], float, int]] = field(default_factory=list)
 
     @classmethod
@@ -168,12 +168,13 @@ class _Intake:
                 )
                 or 0
             )
-            self._counts[round_.id] += sum(1 for row, _ in self._accepted if row.round_id == round_.id)
+            self._counts[round_.id] += sum(1 for row, _, _ in self._accepted if row.round_id == round_.id)
         return self._counts[round_.id]
 
-    def accept(self, row: Delta, weights: memoryview | bytes) -> None:
-        """Add an accepted delta (its task done); :meth:`store` writes it with the others."""
-        self._accepted.append((row, memoryview(weights)))
+    def accept(self, row: Delta, weights: memoryview | bytes, source: FileRegion | None = None) -> None:
+        """Add an accepted delta (its task done); :meth:`store` writes it with the others.
+        ``source``: a file already holding ``weights`` (coordinator/db/blobs.py)."""
+        self._accepted.append((row, memoryview(weights), source))
         if row.task_id is not None:
             self.answered.add(row.task_id)
         if row.round_id in self._counts:
@@ -184,17 +185,21 @@ class _Intake:
         for all (the unit of work would issue one per row); each ``row`` gets its id."""
         if not self._accepted:
             return
-        blob_ids = write_blobs(self.session, [weights for _, weights in self._accepted])
+        blob_ids = write_blobs(
+            self.session,
+            [weights for _, weights, _ in self._accepted],
+            [source for _, _, source in self._accepted],
+        )
         values = [
             {column: getattr(row, column) for column in _DELTA_COLUMNS} | {"weights_blob_id": blob_id}
-            for (row, _), blob_id in zip(self._accepted, blob_ids, strict=True)
+            for (row, _, _), blob_id in zip(self._accepted, blob_ids, strict=True)
         ]
         inserted = self.session.execute(
             insert(Delta).returning(Delta.id, sort_by_parameter_order=True), values
         ).scalars()
-        for (row, _), delta_id in zip(self._accepted, inserted, strict=True):
+        for (row, _, _), delta_id in zip(self._accepted, inserted, strict=True):
             row.id = delta_id
-        tasks = [row.task_id for row, _ in self._accepted if row.task_id is not None]
+        tasks = [row.task_id for row, _, _ in self._accepted if row.task_id is not None]
         for i in range(0, len(tasks), 500):
             self.session.execute(
                 update(Task)
@@ -406,8 +411,15 @@ class RoundEngine:
         """Validate and store one delta (see the module docstring); never raises for bad deltas."""
         return self.record_deltas([(report, user_id)])[0]
 
-    def record_deltas(self, items: Sequence[tuple[DeltaReport, str | None]]) -> list[DeltaOutcome]:
+    def record_deltas(
+        self,
+        items: Sequence[tuple[DeltaReport, str | None]],
+        sources: Sequence[FileRegion | None] | None = None,
+    ) -> list[DeltaOutcome]:
         """Validate and store deltas (each with the broker user that sent it), in one transaction.
+
+        ``sources[i]``, when given, is the file region holding item i's weight frame (a reassembled
+        transfer): its weights are then kept by linking that file instead of writing them again.
 
         The outcome of each is what :meth:`record_delta` would have given had they come one at a
         time, in order: an asynchronous delta that fills its run's buffer ends the transaction, the
@@ -424,7 +436,8 @@ class RoundEngine:
                     # so a round closed right after it waits for the feed (coordinator.running).
                     feed.enter_context(self.running.feeding())
                     for report, user_id in rest:
-                        outcomes.append(self._record_one(intake, report, user_id))
+                        source = sources[len(outcomes)] if sources is not None else None
+                        outcomes.append(self._record_one(intake, report, user_id, source))
                         if intake.full_buffer is not None:
                             break
                     intake.store(self.clock())
@@ -465,7 +478,9 @@ class RoundEngine:
         strategy = get_strategy(run.strategy, run.strategy_options)
         return strategy.begin(self._base_weights(session, round_), state), run
 
-    def _record_one(self, intake: _Intake, report: DeltaReport, user_id: str | None) -> DeltaOutcome:
+    def _record_one(
+        self, intake: _Intake, report: DeltaReport, user_id: str | None, source: FileRegion | None = None
+    ) -> DeltaOutcome:
         session = intake.session
         task = intake.tasks.get(report.task_id)
         if task is not None and task.task_id in intake.answered:
@@ -504,7 +519,7 @@ class RoundEngine:
             status=DELTA_ACCEPTED,
             metrics={**report.metrics, "staleness": staleness},
         )
-        intake.accept(row, report.payload)  # its task is marked done with it
+        intake.accept(row, report.payload, source)  # its task is marked done with it
         intake.decoded.append((row, delta, report.sample_count * staleness_weight(staleness), staleness))
         worker.last_seen_at = self.clock()
         if run is not None and run.mode == "async" and intake.count_in_buffer(round_) >= round_.quorum:

@@ -49,6 +49,7 @@ from common.messages import (
 )
 from common.release import build_release
 from coordinator import jobs
+from coordinator.db.blobs import FileRegion, sweep_blob_files
 from coordinator.db.engine import Database
 from coordinator.db.models import Model, ModelVersion, Worker
 from coordinator.outbox import OutboxRelay
@@ -137,22 +138,26 @@ class Coordinator:
         """
         errors: list[Exception | None] = [None] * len(deliveries)
         reports: list[tuple[DeltaReport, str | None]] = []
+        sources: list[FileRegion | None] = []
         for i, delivery in enumerate(deliveries):
             try:
                 message: Message = decode(delivery.body)
                 if isinstance(message, DeltaReport):
                     reports.append((message, delivery.user_id))
+                    sources.append(_payload_region(delivery, message))
                 else:
                     self._on_other_result(message, delivery.user_id)
             except Exception as exc:
                 errors[i] = exc
         if reports:
-            self._record_deltas(reports)
+            self._record_deltas(reports, sources)
         self.relay.wake()
         return errors
 
-    def _record_deltas(self, reports: list[tuple[DeltaReport, str | None]]) -> None:
-        outcomes = self.engine.record_deltas(reports)
+    def _record_deltas(
+        self, reports: list[tuple[DeltaReport, str | None]], sources: list[FileRegion | None]
+    ) -> None:
+        outcomes = self.engine.record_deltas(reports, sources)
         for (report, _), outcome in zip(reports, outcomes, strict=True):
             logger.debug("delta for task %s: %s %s", report.task_id, outcome.status, outcome.reason)
         counts = Counter(outcome.status for outcome in outcomes)
@@ -237,6 +242,7 @@ class Coordinator:
         """Serve until ``stop`` is set (SIGTERM/SIGINT in the CLI)."""
         with self.db.session() as session:
             workers = tuple(session.scalars(select(Worker.name).where(Worker.status == "active")))
+            sweep_blob_files(session)  # files of blobs whose transaction never committed
         self.broker.declare(fedmq_topology(workers))
         consumers = [
             self.broker.consumer(CONTROL_QUEUE, self.on_control, prefetch=1),
@@ -270,3 +276,11 @@ class Coordinator:
             relay.join(timeout=10)
             self.broker.close()
             logger.info("coordinator stopped")
+
+
+def _payload_region(delivery: Delivery, report: DeltaReport) -> FileRegion | None:
+    """Where the weight frame of ``report`` lies in the reassembled file it was read from, if any:
+    the payload is the body's tail (common/messages.py), so the blob store can link that file."""
+    if delivery.path is None or not len(report.payload):
+        return None
+    return FileRegion(delivery.path, delivery.size - len(report.payload), len(report.payload))

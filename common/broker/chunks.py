@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from common.durable import fsync_path
 from common.errors import TransferError
 
 logger = logging.getLogger(__name__)
@@ -162,14 +163,6 @@ def _write_replace(path: Path, text: str, fsync: bool) -> None:
         if fsync:
             os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -362,8 +355,8 @@ class Reassembler:
                 continue
             part, meta, _ = self._paths(transfer_id)  # closed early; its state was written then
             try:
-                _fsync_path(part)
-                _fsync_path(meta)
+                fsync_path(part)
+                fsync_path(meta)
             except FileNotFoundError:
                 continue  # finished or discarded meanwhile: nothing left to keep
 

@@ -110,9 +110,9 @@ def _sqlite_engine(url: URL, busy_timeout_s: float) -> Engine:
             cursor.execute("PRAGMA journal_mode = WAL")
             # Checkpoints (copying the WAL into the database file) happen when the WAL passes
             # 1 GiB instead of 64 MiB, and the coordinator runs them off its intake path
-            # (Database.checkpoint, from its ticker): a 100 MB delta commit then writes the WAL
-            # and fsyncs it, nothing more (~0.15 s instead of ~0.35 s here). Durability is the
-            # same: every commit is fsynced in the WAL.
+            # (Database.checkpoint, from its ticker): a commit writes the WAL and fsyncs it,
+            # nothing more. Durability is the same: every commit is fsynced in the WAL. (Blobs of
+            # 8 MiB or more are files beside the database: coordinator/db/blobs.py.)
             cursor.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_AUTOCHECKPOINT_PAGES}")
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")

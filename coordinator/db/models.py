@@ -117,6 +117,10 @@ class Blob(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     chunk_size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Set for a blob kept in a file of the database's blob directory (coordinator/db/blobs.py):
+    # its bytes are [file_offset, file_offset + size) of that file, and it has no chunks.
+    file: Mapped[str | None] = mapped_column(String(64), default=None)
+    file_offset: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class BlobChunk(Base):

@@ -25,7 +25,7 @@ from common.model import DynamicDLModel
 from common.model.bundle import code_of, join_model
 from common.model.numpy_model import make_linear_model
 from coordinator.cli.main import app
-from coordinator.db.models import Delta, Task, Worker
+from coordinator.db.models import Blob, BlobChunk, Delta, Task, Worker
 from coordinator.registry import KeySigner, ModelRegistry
 from tests.integration.cluster import Cluster
 from worker.config import load_worker_config
@@ -223,7 +223,17 @@ def test_a_model_larger_than_the_chunk_size_completes_a_round(sqlite_cluster: Cl
     assert view.state == "completed" and view.rounds[0].result_version == 2
     with cluster.database() as db:
         info = ModelRegistry(db, KeySigner.from_settings(cluster.settings)).version("big", 2)
+        with db.session() as session:
+            delta_blobs = session.scalars(select(Blob).join(Delta, Delta.weights_blob_id == Blob.id)).all()
+            chunks = session.scalars(
+                select(BlobChunk.blob_id).where(BlobChunk.blob_id.in_([b.id for b in delta_blobs]))
+            )
+            delta_chunks = list(chunks)
     assert info.weights_size > 40_000_000 > cluster.settings.chunk_size * 9
+    # Each delta kept the file it was reassembled in (its frame after the message's header), in the
+    # database's blob directory: not written into SQL, nor copied.
+    assert len(delta_blobs) == 2 and delta_chunks == []
+    assert all(b.file is not None and (b.file_offset or 0) > 0 for b in delta_blobs)
     cluster.check_oracle()
 
 
