@@ -8,7 +8,7 @@ without the variable to check that nothing was lost or counted twice. Points:
 - ``worker-after-delta-publish``: the delta's publish was confirmed, the task is not yet acked;
 - ``publish-after-chunk-N`` (common/broker/publisher.py): chunk N of a chunked body was confirmed,
   the next one is not sent yet (``publish-after-chunk-0``: a worker dies mid-publish of a large
-  delta, leaving a half-sent transfer);
+  delta, leaving a half-sent transfer); a publisher so armed sends one chunk at a time;
 - ``coordinator-after-delta-commit``: a delta is committed in SQL, its delivery not yet acked;
 - ``coordinator-before-aggregation-commit`` (coordinator/rounds.py): inside the aggregation's
   transaction, the new version, the round's closing and the next round written, nothing committed;
@@ -32,3 +32,8 @@ def fault_point(name: str) -> None:
         logger.warning("fault point %s: killing this process (SIGKILL)", name)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def armed(prefix: str) -> bool:
+    """Whether a fault point whose name starts with ``prefix`` is set to kill this process."""
+    return os.environ.get(ENV, "").startswith(prefix)

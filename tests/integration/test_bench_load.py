@@ -67,8 +67,11 @@ def figures(workdir: Path) -> dict[str, Any]:
 @pytest.fixture
 def db(workdir: Path, figures: dict[str, Any], tmp_path: Path) -> Iterator[Database]:
     """A copy of the run's database, for one test to tamper with."""
-    for source in (workdir / "fedmq").glob("fedmq.db*"):  # with its -wal and -shm files, if any
-        shutil.copy(source, tmp_path / source.name)
+    for source in (workdir / "fedmq").glob("fedmq.db*"):  # with its -wal, -shm and -blobs, if any
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / source.name)
+        else:
+            shutil.copy(source, tmp_path / source.name)
     database = Database.from_settings(Settings(database_url=f"sqlite:///{tmp_path / 'fedmq.db'}"))
     try:
         yield database

@@ -138,6 +138,34 @@ def test_a_mandatory_message_no_queue_takes_raises_our_error(broker, queue):
         broker.publish(OutgoingMessage(f"{queue}.ex", "no-such-key", b"lost?"))
 
 
+def test_a_chunked_message_no_queue_takes_raises_our_error_too(broker, config, queue):
+    # Its chunks go out several at a time: the return of any of them still fails the publish.
+    with pytest.raises(UnroutableMessageError):
+        broker.publish(OutgoingMessage(f"{queue}.ex", "no-such-key", os.urandom(3 * config.chunk_size)))
+
+
+def test_a_chunked_body_is_sent_as_exactly_its_chunks_also_after_a_lost_connection(
+    broker, config, queue, rabbitmq
+):
+    # Prepare: the publisher's connection (and its chunk channel) is closed by the broker.
+    _send(broker, queue, b"first")
+    rabbitmq.ctl("close_all_connections", "test: connections closed")
+    body = os.urandom(10 * config.chunk_size + 5)
+
+    # Execute: published with up to CHUNK_WINDOW chunks unconfirmed
+    _send(broker, queue, body, message_id="big")
+
+    # Assert: 1 + 11 messages queued (no chunk twice, none missing), and the body arrives whole.
+    _wait_for(lambda: _queue_depths(rabbitmq).get(queue) == 12, "the twelve messages")
+    received: list[tuple[str | None, bytes]] = []
+    consumer = _consume(config, queue, lambda d: received.append((d.message_id, d.body)), prefetch=4)
+    try:
+        _wait_for(lambda: len(received) == 2, "both messages")
+    finally:
+        consumer.stop()
+    assert received[0][1] == b"first" and received[1] == ("big", body)
+
+
 def test_a_40_mb_body_arrives_intact_in_4_mb_chunks_with_bounded_memory(broker, config, queue):
     body = os.urandom(40 * MIB)
     expected = hashlib.sha256(body).hexdigest()
