@@ -206,9 +206,15 @@ class Cluster:
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
     def wait_exit(self, key: str, timeout_s: float = 120.0) -> int:
-        """Wait for a process expected to die (at a fault point); return its exit code."""
+        """Wait for a process expected to die (at a fault point); return its exit code. One that
+        does not die in time is killed (not left running after the test) and the wait fails."""
         proc = self.procs.pop(key)
-        return proc.wait(timeout=timeout_s)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
 
     def wait_workers_seen(self, names: list[str], timeout_s: float = 120.0) -> None:
         """Wait until every named worker's heartbeat reached the coordinator (so it counts as live)."""
