@@ -171,7 +171,11 @@ def write_blobs(
             row["file"] = row["file_offset"] = None
     if in_files and directory is not None:
         fsync_path(directory)
-    result = session.execute(insert(Blob).returning(Blob.id, sort_by_parameter_order=True), rows)
+    table = Blob.__table__  # Core: plain rows, none of the ORM bulk insert's bookkeeping
+    result = session.execute(
+        insert(table).returning(table.c.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
+        rows,
+    )
     ids = list(result.scalars())
     small = [
         {"blob_id": i, "seq": 0, "data": bytes(v)}
