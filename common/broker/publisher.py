@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -86,26 +87,34 @@ class Publisher:
         self, message: OutgoingMessage, body: bytes | bytearray | memoryview, headers: dict[str, Any]
     ) -> None:
         properties = message_properties(message, self._user, headers)
+
+        def send() -> None:
+            self._ensure_channel().basic_publish(
+                message.exchange,
+                message.routing_key,
+                bytes(body),
+                properties=properties,
+                mandatory=message.mandatory,
+            )
+
+        self._with_reconnect(send, "publish")
+
+    def _with_reconnect(self, send: Callable[[], None], what: str) -> None:
+        """Run ``send`` until it succeeds, reconnecting with capped backoff while the broker is
+        unreachable (for at most ``retry_deadline_s``); other errors are raised at once."""
         delays = backoff_delays(self.config.reconnect_initial_s, self.config.reconnect_max_s)
         started = time.monotonic()
         while True:
             try:
-                channel = self._ensure_channel()
                 with translating_pika_errors():
-                    channel.basic_publish(
-                        message.exchange,
-                        message.routing_key,
-                        bytes(body),
-                        properties=properties,
-                        mandatory=message.mandatory,
-                    )
+                    send()
                 return
             except BrokerUnreachableError as exc:
-                self._channel = None
+                self._channel = self._chunks = None
                 delay = next(delays)
                 if time.monotonic() - started + delay > self.retry_deadline_s:
                     raise
-                logger.warning("%s: publish failed (%s); reconnecting in %.1f s", self.name, exc, delay)
+                logger.warning("%s: %s failed (%s); reconnecting in %.1f s", self.name, what, exc, delay)
                 time.sleep(delay)
             except Exception:
                 # The channel of a refused publish is closed or in an unknown state: start afresh.
@@ -137,26 +146,10 @@ class Publisher:
             (chunk.index, data, message_properties(message, self._user, {**headers, **chunk.to_headers()}))
             for chunk, data in split_body(message.body, self.config.chunk_size)
         ]
-        delays = backoff_delays(self.config.reconnect_initial_s, self.config.reconnect_max_s)
-        started = time.monotonic()
-        while True:
-            try:
-                channel = self._ensure_chunk_channel()
-                with translating_pika_errors():
-                    channel.publish_all(message, todo)
-                break
-            except BrokerUnreachableError as exc:  # todo holds the chunks not confirmed yet
-                self._channel = self._chunks = None
-                delay = next(delays)
-                if time.monotonic() - started + delay > self.retry_deadline_s:
-                    raise
-                logger.warning(
-                    "%s: chunked publish failed (%s); reconnecting in %.1f s", self.name, exc, delay
-                )
-                time.sleep(delay)
-            except Exception:
-                self._reset_if_closed()
-                raise
+        # todo keeps the chunks not confirmed yet: a retry after a lost connection sends only those
+        self._with_reconnect(
+            lambda: self._ensure_chunk_channel().publish_all(message, todo), "chunked publish"
+        )
         logger.debug("%s: sent %d bytes as chunks to %s", self.name, len(message.body), message.routing_key)
 
     def close(self) -> None:
