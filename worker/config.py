@@ -22,6 +22,10 @@ from common.errors import ConfigError
 WORKER_CONFIG_KEYS = ("name", "amqp_url", "coordinator_public_key")
 
 
+# Releases of each model a worker keeps in its cache directory, the newest ones (worker/models.py).
+KEEP_VERSIONS = 3
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     name: str
@@ -40,6 +44,8 @@ class WorkerConfig:
     # CPU threads the model code may use (BLAS, OpenMP, TensorFlow); None: the libraries' own
     # defaults (every core). See worker/threads.py.
     threads: int | None = None
+    # Releases of each model kept in the cache directory, the newest ones (worker/models.py).
+    cache_versions: int = KEEP_VERSIONS
 
     def broker_config(self) -> BrokerConfig:
         """The worker's connection settings (its own user; TLS when the URL is ``amqps://``)."""
@@ -82,6 +88,8 @@ class WorkerConfig:
                 lines.append(f"{key} = {_quote(str(value))}")
         if self.threads is not None:
             lines.append(f"threads = {int(self.threads)}")
+        if self.cache_versions != KEEP_VERSIONS:
+            lines.append(f"cache_versions = {int(self.cache_versions)}")
         return "\n".join(lines) + "\n"
 
     def write(self, path: Path) -> None:
@@ -116,6 +124,9 @@ def load_worker_config(path: str | Path) -> WorkerConfig:
     threads = raw.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"{path}: threads must be a whole number >= 1, not {threads!r}")
+    keep = raw.get("cache_versions", KEEP_VERSIONS)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"{path}: cache_versions must be a whole number >= 1, not {keep!r}")
     config = WorkerConfig(**raw)
     config.public_key()
     return config

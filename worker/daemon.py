@@ -86,7 +86,7 @@ class WorkerDaemon:
         self.config = config
         self.broker = broker
         self.data = data
-        self.store = ModelStore(config.cache_path(), config.public_key())
+        self.store = ModelStore(config.cache_path(), config.public_key(), config.cache_versions)
         self.ready = threading.Event()
         self.tasks_done = 0
         self.info: dict[str, object] = {"device": "cpu"}

@@ -12,6 +12,12 @@ be older than the newest version the store has accepted for that model, or it is
 for (a task names an explicit version, which the store fetches or reads from its cache) may be
 older: tasks legitimately train older versions. The high-water mark is kept in memory and starts,
 when the worker starts, from the newest version in its cache (releases are cached only once verified).
+
+Retention: the cache directory keeps the newest ``keep_versions`` releases of each model (and the
+one just added, when a task asked for an older one); older files are removed as new versions
+arrive. A worker in a long run would otherwise keep every version it ever trained (a 100 MB model:
+100 GB after 1,000 rounds), and every cached byte is written to its disk. A task that names a
+version no longer cached fetches it again.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from common.messages import ModelRelease, decode
 from common.model import DynamicDLModel
 from common.model.bundle import join_model
 from common.release import VerifiedRelease, open_release
+from worker.config import KEEP_VERSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +45,14 @@ Fetcher = Callable[[str, int], None]
 class ModelStore:
     """Verified releases by (model, version); :meth:`get` waits for a fetched one to arrive."""
 
-    def __init__(self, cache_dir: Path, trusted: Ed25519PublicKey) -> None:
+    def __init__(
+        self, cache_dir: Path, trusted: Ed25519PublicKey, keep_versions: int = KEEP_VERSIONS
+    ) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, not {keep_versions}")
         self.cache_dir = cache_dir
         self.trusted = trusted
+        self.keep_versions = keep_versions
         self._releases: dict[tuple[str, int], VerifiedRelease] = {}
         self._latest: dict[str, int] = {}
         self._requested: set[tuple[str, int]] = set()
@@ -61,6 +73,19 @@ class ModelStore:
     def _path(self, model: str, version: int) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
         return self.cache_dir / safe / f"v{version}.release"
+
+    def _prune(self, model: str, added: int) -> None:
+        """Remove cached releases of ``model`` but the newest ``keep_versions`` and ``added``."""
+        versions: list[tuple[int, Path]] = []
+        for path in self._path(model, added).parent.glob("v*.release"):
+            digits = path.stem[1:]
+            if digits.isdigit():
+                versions.append((int(digits), path))
+        versions.sort()
+        for version, path in versions[: -self.keep_versions]:
+            if version != added:
+                path.unlink(missing_ok=True)
+                logger.debug("cache: removed %s v%d (keeping %d)", model, version, self.keep_versions)
 
     def latest(self, model: str) -> int | None:
         """The newest version of ``model`` this store has accepted, if any."""
@@ -95,6 +120,7 @@ class ModelStore:
         except OSError:  # another file system, or no file: write the bytes
             tmp.write_bytes(body)
         os.replace(tmp, path)
+        self._prune(verified.model, verified.version)
         with self._arrived:
             self._releases[(verified.model, verified.version)] = verified
             self._requested.discard((verified.model, verified.version))

@@ -128,3 +128,45 @@ def test_a_restarted_worker_still_refuses_a_replayed_release_and_awaits_the_next
     )
 
     assert restarted.latest(MODEL) == 4 and found.version == 4 and fetched == []
+
+
+def cached_versions(store: ModelStore) -> list[int]:
+    return sorted(int(p.stem[1:]) for p in store.cache_dir.rglob("v*.release"))
+
+
+def test_the_cache_keeps_the_newest_versions_of_a_model_and_removes_older_ones(store, key):
+    for version in range(1, 7):
+        store.add(make_release(key, version=version).encode())
+
+    assert store.keep_versions == 3 and cached_versions(store) == [4, 5, 6]
+
+
+def test_an_older_version_a_task_asked_for_stays_cached_beside_the_newest(tmp_path, key):
+    store = ModelStore(tmp_path / "cache", key.public_key(), keep_versions=2)
+    for version in (5, 6, 7):
+        store.add(make_release(key, version=version).encode())
+    v2 = make_release(key, version=2)
+
+    found = store.get(MODEL, 2, v2.weights_sha256, answering(store, v2, []), 5)
+
+    assert found.version == 2 and cached_versions(store) == [2, 6, 7]
+    store.add(make_release(key, version=8).encode())
+    assert cached_versions(store) == [7, 8]
+
+
+def test_a_version_removed_from_the_cache_is_fetched_again_when_a_task_names_it(tmp_path, key):
+    store = ModelStore(tmp_path / "cache", key.public_key(), keep_versions=1)
+    v1 = make_release(key, version=1)
+    store.add(v1.encode())
+    store.add(make_release(key, version=2).encode())
+    store.add(make_release(key, version=3).encode())  # v1 leaves memory (newest two) and disk
+    fetched: list[int] = []
+
+    found = store.get(MODEL, 1, v1.weights_sha256, answering(store, v1, fetched), 5)
+
+    assert found.version == 1 and fetched == [1]
+
+
+def test_a_cache_that_keeps_no_version_is_refused(tmp_path, key):
+    with pytest.raises(ValueError, match="keep_versions"):
+        ModelStore(tmp_path / "cache", key.public_key(), keep_versions=0)

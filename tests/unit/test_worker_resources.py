@@ -74,6 +74,19 @@ def test_the_worker_config_file_carries_threads_and_refuses_a_bad_value(tmp_path
         load_worker_config(path)
 
 
+def test_the_worker_config_file_carries_the_cache_retention_and_refuses_a_bad_value(tmp_path):
+    path = tmp_path / "w.toml"
+    WorkerConfig("w", "amqp://w:p@localhost/%2F", KEY).write(path)
+    assert load_worker_config(path).cache_versions == 3  # the default, not written
+
+    WorkerConfig("w", "amqp://w:p@localhost/%2F", KEY, cache_versions=1).write(path)
+    assert load_worker_config(path).cache_versions == 1
+
+    path.write_text(path.read_text().replace("cache_versions = 1", "cache_versions = 0"))
+    with pytest.raises(ConfigError, match="cache_versions must be a whole number >= 1"):
+        load_worker_config(path)
+
+
 _RSS_AFTER_FREE = """
     import threading
     import numpy as np
