@@ -276,3 +276,70 @@ def test_a_data_file_left_without_state_by_a_crash_is_cleaned_up_when_stale(tmp_
     restarted.expire(now=time.time() + 61)
 
     assert list(tmp_path.glob("*.part")) == []
+
+
+ALIGNED = 4 * 4096  # a chunk size O_DIRECT can write (offsets and lengths in whole blocks)
+
+
+@pytest.mark.parametrize(
+    "tail", [0, 1, 4095, 4097], ids=["no tail", "1 byte", "a block less 1", "a block and 1"]
+)
+def test_a_durable_reassembler_writes_whole_blocks_directly_and_gives_back_the_body(tmp_path, tail):
+    body = os.urandom(3 * ALIGNED + tail)
+    chunks = _chunks(body, ALIGNED)
+    random.Random(tail).shuffle(chunks)
+    reassembler = Reassembler(tmp_path)
+
+    completed = _feed(reassembler, chunks[:1] + chunks)  # a duplicate too
+
+    assert [c.path.read_bytes() for c in completed] == [body]
+    assert reassembler.direct_bytes == 3 * ALIGNED + tail - tail % 4096
+
+
+def test_a_direct_transfer_resumes_after_a_restart(tmp_path):
+    body = os.urandom(5 * ALIGNED + 77)
+    chunks = _chunks(body, ALIGNED)
+    _feed(Reassembler(tmp_path), chunks[:3])
+
+    completed = _feed(Reassembler(tmp_path), chunks[2:])
+
+    assert [c.path.read_bytes() for c in completed] == [body]
+
+
+def test_a_reassembler_that_need_not_sync_and_unaligned_chunks_use_the_page_cache(tmp_path):
+    body = os.urandom(3 * ALIGNED)
+    cached = Reassembler(tmp_path / "a", fsync=False)
+    unaligned = Reassembler(tmp_path / "b")
+
+    assert [c.path.read_bytes() for c in _feed(cached, _chunks(body, ALIGNED))] == [body]
+    assert [c.path.read_bytes() for c in _feed(unaligned, _chunks(body, ALIGNED + 512))] == [body]
+    assert cached.direct_bytes == 0 and unaligned.direct_bytes == 0
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_that_refuses_o_direct_gets_every_chunk_through_the_page_cache(
+    tmp_path, monkeypatch, refused
+):
+    import errno
+
+    from common.broker import chunks as module
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    if refused == "open":
+        real_open = os.open
+        monkeypatch.setattr(
+            os,
+            "open",
+            lambda path, flags, *a: refuse() if flags & module._O_DIRECT else real_open(path, flags, *a),
+        )
+    else:
+        monkeypatch.setattr(os, "pwritev", refuse)
+    body = os.urandom(4 * ALIGNED + 5)
+    reassembler = Reassembler(tmp_path)
+
+    completed = _feed(reassembler, _chunks(body, ALIGNED))
+
+    assert [c.path.read_bytes() for c in completed] == [body]
+    assert reassembler.direct_bytes == 0 and not reassembler.direct
