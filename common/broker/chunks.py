@@ -33,11 +33,9 @@ one consumer at a time (per-worker queues, single-active-consumer coordinator qu
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import time
@@ -47,7 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.durable import fsync_path
+from common.durable import BLOCK, DirectWriter, fsync_path, pwrite_all
 from common.errors import TransferError
 
 logger = logging.getLogger(__name__)
@@ -63,8 +61,6 @@ CHUNK_HEADERS = (TRANSFER_HEADER, INDEX_HEADER, COUNT_HEADER, SIZE_HEADER, CHUNK
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _READ_BLOCK = 1024 * 1024
-_DIRECT_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in whole blocks (<= 4 KiB)
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; 0 elsewhere: every write goes through the cache
 
 
 @dataclass(frozen=True)
@@ -201,14 +197,6 @@ class _Open:
     direct_fd: int = -1  # the same file opened with O_DIRECT, or -1
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """``os.pwrite`` until every byte is written (a short write is legal, e.g. near a full disk)."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
 _MAX_OPEN = 64  # open transfers kept in memory; older ones are closed (their state kept on disk)
 
 
@@ -235,9 +223,7 @@ class Reassembler:
         # O_DIRECT where chunks must reach the disk before they are acked anyway (``fsync``); a
         # reassembler that need not sync keeps the page cache, where a short-lived file may never
         # be written at all. Turned off for good once the file system refuses it.
-        self.direct = (fsync if direct is None else direct) and bool(_O_DIRECT)
-        self.direct_bytes = 0  # bytes written with O_DIRECT (the rest went through the page cache)
-        self._aligned: mmap.mmap | None = None
+        self._writer = DirectWriter(fsync if direct is None else direct)
         self._unsynced: set[str] = set()
         self._open: dict[str, _Open] = {}  # transfers with chunks in this process, oldest first
         directory.mkdir(parents=True, exist_ok=True)
@@ -316,45 +302,28 @@ class Reassembler:
         self._verify(entry)
         return CompletedTransfer(header.transfer_id, entry.part, header.total_size)
 
+    @property
+    def direct(self) -> bool:
+        """Whether chunks are written with O_DIRECT (off once the file system refused it)."""
+        return self._writer.enabled
+
+    @property
+    def direct_bytes(self) -> int:
+        """Bytes written with O_DIRECT so far (the rest went through the page cache)."""
+        return self._writer.direct_bytes
+
     def _write(self, entry: _Open, header: ChunkHeader, data: bytes | memoryview) -> None:
-        """Write one chunk at its offset: its whole blocks with O_DIRECT when open, the rest cached."""
-        view = memoryview(data)
-        whole = len(view) - len(view) % _DIRECT_ALIGN if entry.direct_fd >= 0 else 0
-        if whole:
-            if self._aligned is None or len(self._aligned) < whole:
-                self._aligned = mmap.mmap(-1, max(whole, header.chunk_size))  # page-aligned
-            with memoryview(self._aligned) as buffer:
-                buffer[:whole] = view[:whole]
-                try:
-                    written = os.pwritev(entry.direct_fd, [buffer[:whole]], header.offset)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    logger.info(
-                        "O_DIRECT writes refused in %s (%s): writing through the page cache",
-                        self.directory,
-                        exc,
-                    )
-                    self.direct = False
-                    self._close_direct(entry)
-                    written = 0
-            self.direct_bytes += written
-            view = view[written:]
-        if view:
-            _pwrite_all(entry.fd, view, header.offset + len(data) - len(view))
+        """Write one chunk at its offset: whole blocks with O_DIRECT when open, the rest cached."""
+        if entry.direct_fd < 0:
+            pwrite_all(entry.fd, data, header.offset)
+        elif not self._writer.pwrite(entry.direct_fd, entry.fd, data, header.offset):
+            self._close_direct(entry)
 
     def _open_direct(self, part: Path, header: ChunkHeader) -> int:
         """``part`` opened for O_DIRECT writes, or -1 (off, unaligned chunks, or refused)."""
-        if not self.direct or header.chunk_size % _DIRECT_ALIGN:
+        if header.chunk_size % BLOCK:
             return -1
-        try:
-            return os.open(part, os.O_WRONLY | _O_DIRECT)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            logger.info("O_DIRECT refused in %s: writing through the page cache", self.directory)
-            self.direct = False
-            return -1
+        return self._writer.open(part)
 
     @staticmethod
     def _close_direct(entry: _Open) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 from sqlalchemy import delete, event, insert, select
 from sqlalchemy.orm import Session
 
-from common.durable import fsync_path
+from common.durable import DirectWriter, fsync_path
 from common.errors import NotFoundError, StorageError
 from coordinator.db.models import Blob, BlobChunk, utcnow
 
@@ -90,6 +90,17 @@ def _blob_dir_of(database: str) -> Path:
     return directory
 
 
+_WRITERS = threading.local()
+
+
+def _writer() -> DirectWriter:
+    """This thread's writer (each keeps its own aligned buffer)."""
+    writer: DirectWriter | None = getattr(_WRITERS, "writer", None)
+    if writer is None:
+        writer = _WRITERS.writer = DirectWriter()
+    return writer
+
+
 def _place_file(directory: Path, parts: Sequence[memoryview], source: FileRegion | None) -> tuple[str, int]:
     """Put a blob's bytes into a new file of ``directory`` (durable, but not its directory entry
     until :func:`_fsync_dir`); return the file's name and where the bytes start in it."""
@@ -103,11 +114,7 @@ def _place_file(directory: Path, parts: Sequence[memoryview], source: FileRegion
             return name, source.offset
         except OSError as exc:  # another file system, or links not allowed: write a copy
             logger.debug("blob file: cannot link %s (%s); writing a copy", source.path, exc)
-    with open(target, "xb") as handle:
-        for part in parts:
-            handle.write(part)
-        handle.flush()
-        os.fsync(handle.fileno())
+    _writer().write_file(target, parts)  # O_DIRECT where it can: it is fsynced before commit anyway
     return name, 0
 
 

@@ -322,7 +322,7 @@ def test_a_file_system_that_refuses_o_direct_gets_every_chunk_through_the_page_c
 ):
     import errno
 
-    from common.broker import chunks as module
+    from common import durable
 
     def refuse(*args, **kwargs):
         raise OSError(errno.EINVAL, "Invalid argument")
@@ -332,7 +332,7 @@ def test_a_file_system_that_refuses_o_direct_gets_every_chunk_through_the_page_c
         monkeypatch.setattr(
             os,
             "open",
-            lambda path, flags, *a: refuse() if flags & module._O_DIRECT else real_open(path, flags, *a),
+            lambda path, flags, *a: refuse() if flags & durable.O_DIRECT else real_open(path, flags, *a),
         )
     else:
         monkeypatch.setattr(os, "pwritev", refuse)

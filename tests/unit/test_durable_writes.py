@@ -1,0 +1,87 @@
+"""Writes that bypass the page cache (common/durable.py): the bytes on disk are exactly the parts."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common import durable
+from common.durable import BLOCK, DirectWriter
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK, 70_001]), max_size=6))
+def test_a_file_written_from_parts_holds_exactly_their_concatenation(tmp_path_factory, sizes):
+    parts = [os.urandom(size) for size in sizes]
+    path = tmp_path_factory.mktemp("w") / "blob"
+    writer = DirectWriter()
+
+    writer.write_file(path, [memoryview(p) for p in parts])
+
+    body = b"".join(parts)
+    assert path.read_bytes() == body
+    assert writer.direct_bytes == len(body) - len(body) % BLOCK  # every whole block went direct
+
+
+def test_a_large_file_is_written_through_the_reused_buffer_in_pieces(tmp_path):
+    body = os.urandom(9 * 1024 * 1024 + 5)  # more than the 4 MiB buffer
+    writer = DirectWriter()
+
+    writer.write_file(tmp_path / "blob", [body[:3], body[3:]])  # an unaligned first part
+
+    assert (tmp_path / "blob").read_bytes() == body and writer.direct_bytes == len(body) - 5
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path):
+    (tmp_path / "blob").write_bytes(b"kept")
+
+    with pytest.raises(FileExistsError):
+        DirectWriter().write_file(tmp_path / "blob", [b"new"])
+    assert (tmp_path / "blob").read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_that_refuses_o_direct_gets_the_bytes_through_the_page_cache(
+    tmp_path, monkeypatch, refused
+):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    if refused == "open":
+        real_open = os.open
+        monkeypatch.setattr(
+            os,
+            "open",
+            lambda path, flags, *a: refuse() if flags & durable.O_DIRECT else real_open(path, flags, *a),
+        )
+    else:
+        monkeypatch.setattr(os, "pwritev", refuse)
+    body = os.urandom(5 * BLOCK + 3)
+    writer = DirectWriter()
+
+    writer.write_file(tmp_path / "blob", [body[: 2 * BLOCK], body[2 * BLOCK :]])
+
+    assert (tmp_path / "blob").read_bytes() == body
+    assert writer.direct_bytes == 0 and not writer.enabled
+
+
+def test_a_short_write_is_completed():
+    import tempfile
+
+    with tempfile.TemporaryFile() as handle:
+        real = os.pwrite
+        calls: list[int] = []
+
+        def short(fd, data, offset):
+            calls.append(len(data))
+            return real(fd, bytes(data)[:3], offset)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "pwrite", short)
+            durable.pwrite_all(handle.fileno(), b"0123456789", 0)
+        handle.seek(0)
+        assert handle.read() == b"0123456789" and calls == [10, 7, 4, 1]
