@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 # Results in flight to the coordinator at once, and so the largest group committed together. Large
 # deltas arrive in chunks (4 MiB by default): the consumer also caps a batch at about 16 MiB.
+RESULTS_MEMORY_BUDGET = 512 * 1024 * 1024  # bytes of chunked deltas in flight kept in memory
 RESULTS_PREFETCH = 64
 
 
@@ -252,6 +253,9 @@ class Coordinator:
                 prefetch=RESULTS_PREFETCH,
                 batch_handler=self.on_results,
                 max_batch=RESULTS_PREFETCH,
+                # deltas are decoded and validated whole: keep the large ones in memory as they
+                # arrive instead of reading them back from the disk (common/broker/chunks.py)
+                memory_budget=RESULTS_MEMORY_BUDGET,
             ),
             self.broker.consumer(FETCH_QUEUE, self.on_fetch, prefetch=1),
             self.broker.consumer(DEAD_TASKS_QUEUE, self.on_dead_task, prefetch=1),

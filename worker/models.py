@@ -92,7 +92,9 @@ class ModelStore:
         with self._arrived:
             return self._latest.get(model)
 
-    def add(self, body: bytes, *, explicit: bool = False, source: Path | None = None) -> VerifiedRelease:
+    def add(
+        self, body: bytes | bytearray, *, explicit: bool = False, source: Path | None = None
+    ) -> VerifiedRelease:
         """Verify a release body and keep it (memory and disk). Raises SignatureError / DecodeError.
 
         An unasked release (not ``explicit``, not fetched by :meth:`get`) older than the newest

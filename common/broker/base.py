@@ -51,6 +51,7 @@ class Broker(ABC):
         batch_handler: BatchHandler | None = None,
         max_batch: int = 1,
         durable_chunks: bool = True,
+        memory_budget: int = 0,
     ) -> MessageConsumer:
         """A consumer of ``queue`` (not started). Deliveries in hand at once (up to ``max_batch``)
         are settled together (their chunks made durable at once); with ``batch_handler`` they are
@@ -58,7 +59,11 @@ class Broker(ABC):
 
         ``durable_chunks=False``: chunks are acked once written, without fsync — only for bodies
         that are verified before use and can be had again (a worker's releases): an OS crash may
-        lose such a transfer, a process crash never does."""
+        lose such a transfer, a process crash never does.
+
+        ``memory_budget``: bytes of chunked bodies in flight that are also kept in memory, so the
+        handler gets them without reading their file back from the disk (see
+        :class:`common.broker.chunks.Reassembler`); 0 keeps memory at one chunk per message."""
 
     @abstractmethod
     def close(self) -> None:

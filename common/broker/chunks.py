@@ -18,7 +18,10 @@ whose offsets and length allow it are written with ``O_DIRECT`` from one reused,
 buffer (the few bytes of an unaligned tail through the page cache) when the reassembler syncs
 (``fsync=True``): such a body must reach the disk before its chunks are acked, and is written once,
 to the disk, instead of into fresh page-cache pages the kernel then writes back (100 MB: 0.07 s
-against 0.1-0.35 s of kernel time here). Where the file system refuses ``O_DIRECT`` (tmpfs on
+against 0.1-0.35 s of kernel time here). A transfer written that way can also be kept in memory while it arrives, within
+``memory_budget`` bytes for all open transfers (0 by default: memory stays at one chunk), so its handler reads the body from memory instead
+of back from the disk (100 MB: 0.09 s of the consumer's time here); a transfer over the budget, or
+resumed after a restart, is read back from its file. Where the file system refuses ``O_DIRECT`` (tmpfs on
 older kernels, some FUSE mounts) the reassembler writes through the page cache. When the
 last chunk arrives the sha256 is checked (hashed as the chunks arrived when they came in order,
 else read back) and a :class:`CompletedTransfer` returned; after the message is handled,
@@ -154,11 +157,13 @@ def split_body(body: bytes | bytearray, chunk_size: int) -> Iterator[tuple[Chunk
 
 @dataclass(frozen=True)
 class CompletedTransfer:
-    """A reassembled, sha256-verified body in a file (valid until :meth:`Reassembler.finish`)."""
+    """A reassembled, sha256-verified body in a file (valid until :meth:`Reassembler.finish`);
+    ``data`` holds the same bytes when the transfer was also kept in memory."""
 
     transfer_id: str
     path: Path
     size: int
+    data: bytearray | None = None
 
 
 def _write_replace(path: Path, text: str, fsync: bool) -> None:
@@ -195,6 +200,7 @@ class _Open:
     fd: int
     running: _RunningHash | None  # None: chunks came before a restart, the body is read back
     direct_fd: int = -1  # the same file opened with O_DIRECT, or -1
+    memory: bytearray | None = None  # the body as it arrives (within Reassembler.memory_budget)
 
 
 _MAX_OPEN = 64  # open transfers kept in memory; older ones are closed (their state kept on disk)
@@ -215,6 +221,7 @@ class Reassembler:
         stale_after_s: float = 3600.0,
         fsync: bool = True,
         direct: bool | None = None,
+        memory_budget: int = 0,
     ) -> None:
         self.directory = directory
         self.max_transfer_size = max_transfer_size
@@ -224,6 +231,8 @@ class Reassembler:
         # reassembler that need not sync keeps the page cache, where a short-lived file may never
         # be written at all. Turned off for good once the file system refuses it.
         self._writer = DirectWriter(fsync if direct is None else direct)
+        self.memory_budget = memory_budget  # bytes of directly written transfers also kept in memory
+        self._memory_used = 0
         self._unsynced: set[str] = set()
         self._open: dict[str, _Open] = {}  # transfers with chunks in this process, oldest first
         directory.mkdir(parents=True, exist_ok=True)
@@ -300,7 +309,7 @@ class Reassembler:
         if len(entry.received) < header.count:
             return None
         self._verify(entry)
-        return CompletedTransfer(header.transfer_id, entry.part, header.total_size)
+        return CompletedTransfer(header.transfer_id, entry.part, header.total_size, entry.memory)
 
     @property
     def direct(self) -> bool:
@@ -314,6 +323,8 @@ class Reassembler:
 
     def _write(self, entry: _Open, header: ChunkHeader, data: bytes | memoryview) -> None:
         """Write one chunk at its offset: whole blocks with O_DIRECT when open, the rest cached."""
+        if entry.memory is not None:
+            entry.memory[header.offset : header.offset + len(data)] = data
         if entry.direct_fd < 0:
             pwrite_all(entry.fd, data, header.offset)
         elif not self._writer.pwrite(entry.direct_fd, entry.fd, data, header.offset):
@@ -364,6 +375,13 @@ class Reassembler:
         fd = os.open(part, os.O_WRONLY)
         entry = _Open(replace(header, index=0), sender, received, part, meta, fd, running)
         entry.direct_fd = self._open_direct(part, header)
+        if (
+            entry.direct_fd >= 0
+            and running is not None  # a new transfer: one resumed after a restart is read back
+            and self._memory_used + header.total_size <= self.memory_budget
+        ):
+            entry.memory = bytearray(header.total_size)
+            self._memory_used += header.total_size
         self._open[header.transfer_id] = entry
         while len(self._open) > _MAX_OPEN:  # many transfers at once: close the oldest, kept on disk
             oldest = next(iter(self._open))
@@ -405,6 +423,9 @@ class Reassembler:
     def _close(self, transfer_id: str) -> None:
         entry = self._open.pop(transfer_id, None)
         if entry is not None:
+            if entry.memory is not None:
+                self._memory_used -= len(entry.memory)
+                entry.memory = None
             self._close_direct(entry)
             os.close(entry.fd)
 

@@ -48,9 +48,10 @@ class Delivery:
     """One message handed to a handler.
 
     ``user_id`` is the sender's RabbitMQ user as validated by the broker (``None`` when the sender
-    did not set it). ``attempts`` is 1 on the first delivery. Exactly one of ``data`` / ``path``
-    holds the body; a reassembled file is deleted once the handler returns, so read or move what
-    you need inside the handler.
+    did not set it). ``attempts`` is 1 on the first delivery. ``path`` is the reassembled file of a
+    chunked body, ``data`` the body in memory (an ordinary message's, or a chunked body's that the
+    reassembler also kept in memory); at least one is set. A reassembled file is deleted once the
+    handler returns, so read or move what you need inside the handler.
     """
 
     queue: str
@@ -66,12 +67,12 @@ class Delivery:
     user_id: str | None = None
     type: str | None = None
     content_type: str | None = None
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     path: Path | None = None
 
     @property
-    def body(self) -> bytes:
-        """The whole body in memory (reads the reassembled file for a chunked transfer)."""
+    def body(self) -> bytes | bytearray:
+        """The whole body in memory (reads the reassembled file when it is not in memory)."""
         if self.data is not None:
             return self.data
         assert self.path is not None
@@ -79,7 +80,7 @@ class Delivery:
 
     def open(self) -> BinaryIO:
         """A binary stream over the body, without loading a reassembled file into memory."""
-        if self.data is not None:
-            return io.BytesIO(self.data)
-        assert self.path is not None
-        return open(self.path, "rb")
+        if self.path is not None:
+            return open(self.path, "rb")
+        assert self.data is not None
+        return io.BytesIO(self.data)

@@ -227,7 +227,7 @@ class DeliveryProcessor:
             completed = self.reassembler.add(chunk, raw.body, raw.user_id, sync=False)
             if completed is None:
                 return None
-            body = {"path": completed.path, "size": completed.size}
+            body = {"path": completed.path, "size": completed.size, "data": completed.data}
         return Delivery(
             queue=self.queue,
             exchange=raw.exchange,

@@ -75,9 +75,13 @@ class RabbitmqBroker(Broker):
         batch_handler: BatchHandler | None = None,
         max_batch: int = 1,
         durable_chunks: bool = True,
+        memory_budget: int = 0,
     ) -> RabbitmqConsumer:
         reassembler = Reassembler(
-            self.config.transfers_dir(queue), self.config.max_transfer_size, fsync=durable_chunks
+            self.config.transfers_dir(queue),
+            self.config.max_transfer_size,
+            fsync=durable_chunks,
+            memory_budget=memory_budget,
         )
         return RabbitmqConsumer(
             Consumer(

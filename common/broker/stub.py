@@ -174,11 +174,15 @@ class StubBroker(Broker):
         batch_handler: BatchHandler | None = None,
         max_batch: int = 1,
         durable_chunks: bool = True,
+        memory_budget: int = 0,
     ) -> StubConsumer:
         if queue not in self.queues:
             raise BrokerChannelClosedError(f"no queue {queue!r}", 404, "NOT_FOUND")
         reassembler = Reassembler(
-            self.config.transfers_dir(queue), self.config.max_transfer_size, fsync=False
+            self.config.transfers_dir(queue),
+            self.config.max_transfer_size,
+            fsync=False,
+            memory_budget=memory_budget,
         )
         processor = DeliveryProcessor(
             queue, handler, reassembler, self.config.max_delivery_attempts, batch_handler=batch_handler

@@ -343,3 +343,38 @@ def test_a_file_system_that_refuses_o_direct_gets_every_chunk_through_the_page_c
 
     assert [c.path.read_bytes() for c in completed] == [body]
     assert reassembler.direct_bytes == 0 and not reassembler.direct
+
+
+def test_a_directly_written_transfer_is_also_kept_in_memory_within_the_budget(tmp_path):
+    bodies = [os.urandom(3 * ALIGNED + 9) for _ in range(3)]
+    streams = [_chunks(body, ALIGNED) for body in bodies]
+    reassembler = Reassembler(tmp_path, memory_budget=2 * len(bodies[0]))
+
+    interleaved = [chunk for group in zip(*streams, strict=True) for chunk in group]
+    completed = {c.transfer_id: c for c in _feed(reassembler, interleaved)}
+
+    kept = [completed[s[0][0].transfer_id] for s in streams]
+    assert [c.path.read_bytes() for c in kept] == bodies  # every file is whole
+    assert [c.data for c in kept] == [bodies[0], bodies[1], None]  # the third was over the budget
+    for c in kept:
+        reassembler.finish(c.transfer_id)
+    (again,) = _feed(reassembler, _chunks(bodies[2], ALIGNED))
+    assert again.data == bodies[2]  # finished transfers gave their memory back
+
+
+def test_a_transfer_resumed_after_a_restart_is_read_back_from_its_file(tmp_path):
+    body = os.urandom(4 * ALIGNED)
+    chunks = _chunks(body, ALIGNED)
+    _feed(Reassembler(tmp_path, memory_budget=1 << 30), chunks[:2])
+
+    (completed,) = _feed(Reassembler(tmp_path, memory_budget=1 << 30), chunks[2:])
+
+    assert completed.data is None and completed.path.read_bytes() == body
+
+
+def test_without_a_memory_budget_a_transfer_is_only_in_its_file(tmp_path):
+    body = os.urandom(2 * ALIGNED)
+
+    (completed,) = _feed(Reassembler(tmp_path), _chunks(body, ALIGNED))
+
+    assert completed.data is None and completed.path.read_bytes() == body
