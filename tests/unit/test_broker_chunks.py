@@ -320,22 +320,9 @@ def test_a_reassembler_that_need_not_sync_and_unaligned_chunks_use_the_page_cach
 def test_a_file_system_that_refuses_o_direct_gets_every_chunk_through_the_page_cache(
     tmp_path, monkeypatch, refused
 ):
-    import errno
+    from tests.unit.test_durable_writes import refuse_o_direct
 
-    from common import durable
-
-    def refuse(*args, **kwargs):
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    if refused == "open":
-        real_open = os.open
-        monkeypatch.setattr(
-            os,
-            "open",
-            lambda path, flags, *a: refuse() if flags & durable.O_DIRECT else real_open(path, flags, *a),
-        )
-    else:
-        monkeypatch.setattr(os, "pwritev", refuse)
+    refuse_o_direct(monkeypatch, refused)
     body = os.urandom(4 * ALIGNED + 5)
     reassembler = Reassembler(tmp_path)
 

@@ -44,11 +44,10 @@ def test_an_existing_file_is_never_overwritten(tmp_path):
     assert (tmp_path / "blob").read_bytes() == b"kept"
 
 
-@pytest.mark.parametrize("refused", ["open", "write"])
-def test_a_file_system_that_refuses_o_direct_gets_the_bytes_through_the_page_cache(
-    tmp_path, monkeypatch, refused
-):
-    def refuse(*args, **kwargs):
+def refuse_o_direct(monkeypatch: pytest.MonkeyPatch, refused: str) -> None:
+    """Make this process's file system refuse O_DIRECT as tmpfs does: at ``open`` or at ``write``."""
+
+    def refuse(*args: object, **kwargs: object) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
     if refused == "open":
@@ -60,6 +59,13 @@ def test_a_file_system_that_refuses_o_direct_gets_the_bytes_through_the_page_cac
         )
     else:
         monkeypatch.setattr(os, "pwritev", refuse)
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_that_refuses_o_direct_gets_the_bytes_through_the_page_cache(
+    tmp_path, monkeypatch, refused
+):
+    refuse_o_direct(monkeypatch, refused)
     body = os.urandom(5 * BLOCK + 3)
     writer = DirectWriter()
 
