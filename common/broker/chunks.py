@@ -18,10 +18,11 @@ whose offsets and length allow it are written with ``O_DIRECT`` from one reused,
 buffer (the few bytes of an unaligned tail through the page cache) when the reassembler syncs
 (``fsync=True``): such a body must reach the disk before its chunks are acked, and is written once,
 to the disk, instead of into fresh page-cache pages the kernel then writes back (100 MB: 0.07 s
-against 0.1-0.35 s of kernel time here). A transfer written that way can also be kept in memory while it arrives, within
-``memory_budget`` bytes for all open transfers (0 by default: memory stays at one chunk), so its handler reads the body from memory instead
-of back from the disk (100 MB: 0.09 s of the consumer's time here); a transfer over the budget, or
-resumed after a restart, is read back from its file. Where the file system refuses ``O_DIRECT`` (tmpfs on
+against 0.1-0.35 s of kernel time here; :mod:`common.durable`). A transfer written that way can
+also be kept in memory while it arrives, within ``memory_budget`` bytes for all open transfers (0
+by default: memory stays at one chunk), so its handler reads the body from memory instead of back
+from the disk (100 MB: 0.09 s of the consumer's time here); a transfer over the budget, or resumed
+after a restart, is read back from its file. Where the file system refuses ``O_DIRECT`` (tmpfs on
 older kernels, some FUSE mounts) the reassembler writes through the page cache. When the
 last chunk arrives the sha256 is checked (hashed as the chunks arrived when they came in order,
 else read back) and a :class:`CompletedTransfer` returned; after the message is handled,
