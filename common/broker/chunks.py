@@ -6,6 +6,13 @@ Framing (AMQP headers on every chunk; the chunk's body is the raw slice):
 ``x-fedmq-sha256`` (hex digest of the whole body). Every chunk carries all of them, so chunks may
 arrive in any order and any one of them can start a transfer.
 
+A sender may split the digest in two instead: ``x-fedmq-head-size`` (H), ``x-fedmq-head-sha256``
+(digest of the first H bytes) and ``x-fedmq-tail-sha256`` (digest of the rest), in place of
+``x-fedmq-sha256``. Both are checked the same way; the receiver then also knows the verified digest
+of the body's tail (:attr:`CompletedTransfer.tail_sha256`). fedmq's large bodies end in a weight
+frame that the receiver needs the digest of anyway (a delta's blob, a release's signed manifest):
+split where the frame starts, the body is hashed once instead of twice on each side.
+
 :class:`Reassembler` writes each chunk at its offset in ``<dir>/<id>.part`` and records the indices
 received in ``<id>.json`` (written after the data, fsynced, replaced atomically). Memory stays at one
 chunk whatever the body size. A chunk is safe to ack once :meth:`Reassembler.add` returned, so a
@@ -60,7 +67,11 @@ COUNT_HEADER = "x-fedmq-chunks"
 SIZE_HEADER = "x-fedmq-size"
 CHUNK_SIZE_HEADER = "x-fedmq-chunk-size"
 SHA256_HEADER = "x-fedmq-sha256"
-CHUNK_HEADERS = (TRANSFER_HEADER, INDEX_HEADER, COUNT_HEADER, SIZE_HEADER, CHUNK_SIZE_HEADER, SHA256_HEADER)
+HEAD_SIZE_HEADER = "x-fedmq-head-size"
+HEAD_SHA256_HEADER = "x-fedmq-head-sha256"
+TAIL_SHA256_HEADER = "x-fedmq-tail-sha256"
+_FRAMING = (TRANSFER_HEADER, INDEX_HEADER, COUNT_HEADER, SIZE_HEADER, CHUNK_SIZE_HEADER)
+CHUNK_HEADERS = (*_FRAMING, SHA256_HEADER, HEAD_SIZE_HEADER, HEAD_SHA256_HEADER, TAIL_SHA256_HEADER)
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -69,7 +80,11 @@ _READ_BLOCK = 1024 * 1024
 
 @dataclass(frozen=True)
 class ChunkHeader:
-    """The framing of one chunk; validated on construction."""
+    """The framing of one chunk; validated on construction.
+
+    ``sha256`` is the digest of the body after its first ``head_size`` bytes, whose own digest is
+    ``head_sha256``; with ``head_size`` 0 (no split) it is the whole body's.
+    """
 
     transfer_id: str
     index: int
@@ -77,12 +92,21 @@ class ChunkHeader:
     total_size: int
     chunk_size: int
     sha256: str
+    head_size: int = 0
+    head_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not _ID_RE.fullmatch(self.transfer_id):
             raise TransferError("chunk transfer id must be 32 lowercase hex digits")
         if not _SHA_RE.fullmatch(self.sha256):
             raise TransferError("chunk sha256 must be 64 lowercase hex digits")
+        if self.head_size == 0:
+            if self.head_sha256 is not None:
+                raise TransferError("chunk head sha256 without a head size")
+        elif not 0 < self.head_size < self.total_size:
+            raise TransferError(f"chunk head size {self.head_size} outside 1..{self.total_size - 1}")
+        elif self.head_sha256 is None or not _SHA_RE.fullmatch(self.head_sha256):
+            raise TransferError("chunk head sha256 must be 64 lowercase hex digits")
         if self.chunk_size <= 0 or self.total_size <= 0 or self.count <= 0:
             raise TransferError("chunk sizes and count must be positive")
         if self.count != -(-self.total_size // self.chunk_size):
@@ -101,30 +125,41 @@ class ChunkHeader:
         return min(self.chunk_size, self.total_size - self.offset)
 
     def same_transfer(self, other: ChunkHeader) -> bool:
-        return (self.count, self.total_size, self.chunk_size, self.sha256) == (
-            other.count,
-            other.total_size,
-            other.chunk_size,
-            other.sha256,
-        )
+        return replace(self, index=0) == replace(other, index=0)
 
     def to_headers(self) -> dict[str, Any]:
-        return {
+        headers: dict[str, Any] = {
             TRANSFER_HEADER: self.transfer_id,
             INDEX_HEADER: self.index,
             COUNT_HEADER: self.count,
             SIZE_HEADER: self.total_size,
             CHUNK_SIZE_HEADER: self.chunk_size,
-            SHA256_HEADER: self.sha256,
         }
+        if self.head_size:
+            headers.update(
+                {
+                    HEAD_SIZE_HEADER: self.head_size,
+                    HEAD_SHA256_HEADER: self.head_sha256,
+                    TAIL_SHA256_HEADER: self.sha256,
+                }
+            )
+        else:
+            headers[SHA256_HEADER] = self.sha256
+        return headers
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, Any] | None) -> ChunkHeader | None:
         """The chunk framing in ``headers``; ``None`` for an ordinary message; TransferError if broken."""
         if not headers or TRANSFER_HEADER not in headers:
             return None
+        split = HEAD_SIZE_HEADER in headers
+        names = (
+            (*_FRAMING, HEAD_SIZE_HEADER, HEAD_SHA256_HEADER, TAIL_SHA256_HEADER)
+            if split
+            else (*_FRAMING, SHA256_HEADER)
+        )
         try:
-            raw = {name: headers[name] for name in CHUNK_HEADERS}
+            raw = {name: headers[name] for name in names}
             text = {k: v.decode() if isinstance(v, bytes) else v for k, v in raw.items()}
             return cls(
                 transfer_id=str(text[TRANSFER_HEADER]),
@@ -132,7 +167,9 @@ class ChunkHeader:
                 count=int(text[COUNT_HEADER]),
                 total_size=int(text[SIZE_HEADER]),
                 chunk_size=int(text[CHUNK_SIZE_HEADER]),
-                sha256=str(text[SHA256_HEADER]),
+                sha256=str(text[TAIL_SHA256_HEADER if split else SHA256_HEADER]),
+                head_size=int(text[HEAD_SIZE_HEADER]) if split else 0,
+                head_sha256=str(text[HEAD_SHA256_HEADER]) if split else None,
             )
         except (KeyError, TypeError, ValueError, OverflowError, UnicodeDecodeError) as exc:
             raise TransferError(f"malformed chunk headers: {exc!r}") from exc
@@ -143,28 +180,43 @@ def strip_chunk_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (headers or {}).items() if k not in CHUNK_HEADERS}
 
 
-def split_body(body: bytes | bytearray, chunk_size: int) -> Iterator[tuple[ChunkHeader, memoryview]]:
-    """Cut ``body`` into chunks of ``chunk_size`` bytes (views, no copies) with their framing."""
+def split_body(
+    body: bytes | bytearray, chunk_size: int, tail_offset: int = 0, tail_sha256: str | None = None
+) -> Iterator[tuple[ChunkHeader, memoryview]]:
+    """Cut ``body`` into chunks of ``chunk_size`` bytes (views, no copies) with their framing.
+
+    With ``tail_offset`` the digest is split there (module docstring); ``tail_sha256`` is the
+    digest of ``body[tail_offset:]`` when the caller knows it already (it is then not computed).
+    """
     if not body:
         raise TransferError("an empty body is never chunked")
-    view = memoryview(body)
-    digest = hashlib.sha256(view).hexdigest()
+    if not 0 <= tail_offset < len(body):
+        raise ValueError(f"tail offset {tail_offset} outside a body of {len(body)} bytes")
+    view = memoryview(body).cast("B")
+    head_sha256 = hashlib.sha256(view[:tail_offset]).hexdigest() if tail_offset else None
+    digest = tail_sha256 if tail_sha256 is not None else hashlib.sha256(view[tail_offset:]).hexdigest()
     transfer_id = uuid.uuid4().hex
     count = -(-len(body) // chunk_size)
     for index in range(count):
-        header = ChunkHeader(transfer_id, index, count, len(body), chunk_size, digest)
+        header = ChunkHeader(
+            transfer_id, index, count, len(body), chunk_size, digest, tail_offset, head_sha256
+        )
         yield header, view[header.offset : header.offset + header.expected_length]
 
 
 @dataclass(frozen=True)
 class CompletedTransfer:
     """A reassembled, sha256-verified body in a file (valid until :meth:`Reassembler.finish`);
-    ``data`` holds the same bytes when the transfer was also kept in memory."""
+    ``data`` holds the same bytes when the transfer was also kept in memory. ``tail_sha256`` is the
+    verified digest of the body from ``tail_offset`` on (the whole body's when the sender did not
+    split its digest)."""
 
     transfer_id: str
     path: Path
     size: int
     data: bytearray | None = None
+    tail_offset: int = 0
+    tail_sha256: str = ""
 
 
 def _write_replace(path: Path, text: str, fsync: bool) -> None:
@@ -179,10 +231,23 @@ def _write_replace(path: Path, text: str, fsync: bool) -> None:
 
 @dataclass
 class _RunningHash:
-    """sha256 of a transfer's chunks received in order so far (``next_index`` is the next one)."""
+    """sha256 of a transfer's chunks received in order so far (``next_index`` is the next one):
+    of its head, then of its tail, when the sender split the digest (module docstring)."""
 
     next_index: int
     digest: Any
+    head: Any = None
+    head_size: int = 0
+
+    def update(self, offset: int, data: bytes | memoryview) -> None:
+        """Hash the chunk ``data`` that starts at ``offset`` (the next one in order)."""
+        view = memoryview(data).cast("B")
+        if self.head is not None and offset < self.head_size:
+            cut = self.head_size - offset
+            self.head.update(view[:cut])
+            view = view[cut:]
+        self.digest.update(view)
+        self.next_index += 1
 
 
 @dataclass
@@ -202,6 +267,10 @@ class _Open:
     running: _RunningHash | None  # None: chunks came before a restart, the body is read back
     direct_fd: int = -1  # the same file opened with O_DIRECT, or -1
     memory: bytearray | None = None  # the body as it arrives (within Reassembler.memory_budget)
+
+
+def _new_head_hash(header: ChunkHeader) -> Any:
+    return hashlib.sha256() if header.head_size else None
 
 
 _MAX_OPEN = 64  # open transfers kept in memory; older ones are closed (their state kept on disk)
@@ -300,8 +369,7 @@ class Reassembler:
             self._write(entry, header, data)
             running = entry.running
             if running is not None and running.next_index == header.index:
-                running.digest.update(data)
-                running.next_index += 1
+                running.update(header.offset, data)
             entry.received.add(header.index)
             if sync:
                 self._persist(entry)
@@ -310,7 +378,9 @@ class Reassembler:
         if len(entry.received) < header.count:
             return None
         self._verify(entry)
-        return CompletedTransfer(header.transfer_id, entry.part, header.total_size, entry.memory)
+        return CompletedTransfer(
+            header.transfer_id, entry.part, header.total_size, entry.memory, header.head_size, header.sha256
+        )
 
     @property
     def direct(self) -> bool:
@@ -370,7 +440,7 @@ class Reassembler:
         running: _RunningHash | None = None
         if received is None:
             received = set()
-            running = _RunningHash(0, hashlib.sha256())
+            running = _RunningHash(0, hashlib.sha256(), _new_head_hash(header), header.head_size)
             with open(part, "wb") as handle:
                 handle.truncate(header.total_size)
         fd = os.open(part, os.O_WRONLY)
@@ -432,15 +502,16 @@ class Reassembler:
 
     def _verify(self, entry: _Open) -> None:
         header, running = entry.header, entry.running
-        if running is not None and running.next_index == header.count:
-            hexdigest = running.digest.hexdigest()
-        else:  # chunks came out of order, or some before a restart: read the body back
-            digest = hashlib.sha256()
+        if running is None or running.next_index != header.count:
+            # chunks came out of order, or some before a restart: read the body back
+            running = _RunningHash(0, hashlib.sha256(), _new_head_hash(header), header.head_size)
             with open(entry.part, "rb") as handle:
+                offset = 0
                 while block := handle.read(_READ_BLOCK):
-                    digest.update(block)
-            hexdigest = digest.hexdigest()
-        if hexdigest != header.sha256:
+                    running.update(offset, block)
+                    offset += len(block)
+        head_ok = running.head is None or running.head.hexdigest() == header.head_sha256
+        if not head_ok or running.digest.hexdigest() != header.sha256:
             self.discard(header.transfer_id)
             raise TransferError(f"transfer {header.transfer_id}: sha256 of the reassembled body differs")
 

@@ -27,7 +27,13 @@ BROKER_DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 @dataclass(frozen=True)
 class OutgoingMessage:
-    """A message to publish; ``body`` larger than the chunk size is sent as chunks."""
+    """A message to publish; ``body`` larger than the chunk size is sent as chunks.
+
+    ``tail_offset`` splits a chunked body's digest there (:mod:`common.broker.chunks`), so its
+    receiver learns the verified sha256 of ``body[tail_offset:]`` (:attr:`Delivery.tail_sha256`)
+    without hashing it again; ``tail_sha256`` is that digest when the sender knows it already.
+    Both are ignored for a body sent whole.
+    """
 
     exchange: str
     routing_key: str
@@ -41,6 +47,8 @@ class OutgoingMessage:
     expiration_ms: int | None = None
     mandatory: bool = True
     persistent: bool = True
+    tail_offset: int = 0
+    tail_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,9 @@ class Delivery:
     did not set it). ``attempts`` is 1 on the first delivery. ``path`` is the reassembled file of a
     chunked body, ``data`` the body in memory (an ordinary message's, or a chunked body's that the
     reassembler also kept in memory); at least one is set. A reassembled file is deleted once the
-    handler returns, so read or move what you need inside the handler.
+    handler returns, so read or move what you need inside the handler. ``tail_sha256``, for a
+    reassembled body only, is the sha256 of the body from ``tail_offset`` on, as the reassembler
+    verified it (the whole body's when the sender did not split the digest).
     """
 
     queue: str
@@ -69,6 +79,14 @@ class Delivery:
     content_type: str | None = None
     data: bytes | bytearray | None = None
     path: Path | None = None
+    tail_offset: int = 0
+    tail_sha256: str | None = None
+
+    @property
+    def verified_tail(self) -> tuple[int, str] | None:
+        """``(offset, sha256 of the body from offset on)`` as the reassembler verified it, or ``None``
+        (a body that came whole: nothing was hashed)."""
+        return (self.tail_offset, self.tail_sha256) if self.tail_sha256 else None
 
     @property
     def body(self) -> bytes | bytearray:

@@ -227,7 +227,13 @@ class DeliveryProcessor:
             completed = self.reassembler.add(chunk, raw.body, raw.user_id, sync=False)
             if completed is None:
                 return None
-            body = {"path": completed.path, "size": completed.size, "data": completed.data}
+            body = {
+                "path": completed.path,
+                "size": completed.size,
+                "data": completed.data,
+                "tail_offset": completed.tail_offset,
+                "tail_sha256": completed.tail_sha256,
+            }
         return Delivery(
             queue=self.queue,
             exchange=raw.exchange,

@@ -144,7 +144,9 @@ class Publisher:
             return
         todo = [
             (chunk.index, data, message_properties(message, self._user, {**headers, **chunk.to_headers()}))
-            for chunk, data in split_body(message.body, self.config.chunk_size)
+            for chunk, data in split_body(
+                message.body, self.config.chunk_size, message.tail_offset, message.tail_sha256
+            )
         ]
         # todo keeps the chunks not confirmed yet: a retry after a lost connection sends only those
         self._with_reconnect(

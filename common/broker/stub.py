@@ -161,7 +161,8 @@ class StubBroker(Broker):
         if len(message.body) <= self.config.chunk_size:
             self._put(message.exchange, message.routing_key, base, message.mandatory)
             return
-        for chunk, data in split_body(message.body, self.config.chunk_size):
+        chunks = split_body(message.body, self.config.chunk_size, message.tail_offset, message.tail_sha256)
+        for chunk, data in chunks:
             raw = replace(base, body=bytes(data), headers={**base.headers, **chunk.to_headers()})
             self._put(message.exchange, message.routing_key, raw, message.mandatory)
 

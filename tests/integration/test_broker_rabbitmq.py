@@ -195,6 +195,27 @@ def test_a_40_mb_body_arrives_intact_in_4_mb_chunks_with_bounded_memory(broker, 
     assert peak < 20 * MIB, f"reassembly peaked at {peak / MIB:.1f} MiB for a 40 MiB body"
 
 
+def test_a_chunked_body_whose_digest_is_split_arrives_with_its_tails_verified_digest(broker, config, queue):
+    """What the coordinator's intake and the workers' releases rely on: the receiver learns the
+    sha256 of the body's tail (a weight frame) from the transfer's check, over a real broker."""
+    head, tail = os.urandom(5000), os.urandom(6 * MIB)
+    body = head + tail
+    _send(broker, queue, body, message_id="split", tail_offset=len(head))
+    _send(broker, queue, tail, message_id="whole")
+    _send(broker, queue, b"small", message_id="small", tail_offset=2)
+    seen: dict[str | None, tuple[bytes | bytearray, tuple[int, str] | None]] = {}
+    consumer = _consume(config, queue, lambda d: seen.update({d.message_id: (d.body, d.verified_tail)}))
+    try:
+        _wait_for(lambda: len(seen) == 3, "three messages")
+    finally:
+        consumer.stop()
+
+    digest = hashlib.sha256(tail).hexdigest()
+    assert seen["split"] == (body, (len(head), digest))
+    assert seen["whole"] == (tail, (0, digest))
+    assert seen["small"] == (b"small", None)  # sent whole: nothing was hashed, nothing to reuse
+
+
 def test_a_message_that_always_fails_is_dead_lettered_with_the_reason(broker, config, queue, rabbitmq):
     attempts: list[int] = []
     dead: list[Delivery] = []

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import time
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -365,3 +366,120 @@ def test_without_a_memory_budget_a_transfer_is_only_in_its_file(tmp_path):
     (completed,) = _feed(Reassembler(tmp_path), _chunks(body, ALIGNED))
 
     assert completed.data is None and completed.path.read_bytes() == body
+
+
+# --------------------------------------------------------------------------- split digests
+
+
+def _split_chunks(
+    body: bytes, head: int, chunk_size: int = CHUNK, tail_sha256: str | None = None
+) -> list[tuple[ChunkHeader, bytes]]:
+    return [(h, bytes(d)) for h, d in split_body(body, chunk_size, head, tail_sha256)]
+
+
+@pytest.mark.parametrize("head", [1, 100, CHUNK, CHUNK + 1, 3 * CHUNK - 1])
+def test_a_split_digest_gives_back_the_body_and_the_verified_digest_of_its_tail(tmp_path, head):
+    body = os.urandom(3 * CHUNK + 10)
+    chunks = _split_chunks(body, head)
+
+    (completed,) = _feed(Reassembler(tmp_path), chunks)
+
+    assert completed.path.read_bytes() == body
+    assert (completed.tail_offset, completed.tail_sha256) == (head, hashlib.sha256(body[head:]).hexdigest())
+    headers = chunks[0][0].to_headers()
+    assert "x-fedmq-sha256" not in headers  # a receiver that knows only whole digests refuses it
+    assert headers["x-fedmq-head-sha256"] == hashlib.sha256(body[:head]).hexdigest()
+    assert ChunkHeader.from_headers(headers) == chunks[0][0]
+
+
+def test_a_whole_digest_names_the_whole_body_as_its_tail(tmp_path):
+    body = os.urandom(2 * CHUNK + 1)
+
+    (completed,) = _feed(Reassembler(tmp_path), _chunks(body))
+
+    assert (completed.tail_offset, completed.tail_sha256) == (0, hashlib.sha256(body).hexdigest())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    size=st.integers(min_value=2, max_value=5 * 64),
+    cut=st.floats(min_value=0.0, max_value=1.0),
+    order=st.randoms(use_true_random=False),
+    duplicates=st.lists(st.integers(min_value=0, max_value=100), max_size=4),
+)
+def test_a_split_digest_survives_any_order_with_duplicates(tmp_path_factory, size, cut, order, duplicates):
+    body = os.urandom(size)
+    head = min(size - 1, max(1, int(cut * size)))
+    chunks = _split_chunks(body, head, 64)
+    sent = chunks + [chunks[i % len(chunks)] for i in duplicates]
+    order.shuffle(sent)
+
+    completed = _feed(Reassembler(tmp_path_factory.mktemp("r"), fsync=False), sent)
+
+    assert completed and all(c.path.read_bytes() == body for c in completed)
+    assert {c.tail_sha256 for c in completed} == {hashlib.sha256(body[head:]).hexdigest()}
+
+
+@pytest.mark.parametrize("where", ["head", "tail"])
+def test_a_split_transfer_damaged_in_its_head_or_its_tail_is_refused(tmp_path, where):
+    body = os.urandom(4 * CHUNK)
+    head = CHUNK + 7
+    chunks = _split_chunks(body, head)
+    position = 3 if where == "head" else CHUNK + 100
+    index, offset = divmod(position, CHUNK)
+    damaged = bytearray(chunks[index][1])
+    damaged[offset] ^= 0x01
+    chunks[index] = (chunks[index][0], bytes(damaged))
+
+    with pytest.raises(TransferError, match="sha256"):
+        _feed(Reassembler(tmp_path), chunks)
+    assert list(tmp_path.glob("*.part")) == []
+
+
+def test_a_tail_digest_the_sender_supplied_is_the_one_checked(tmp_path):
+    """The sender passes a digest it knows instead of hashing the tail: a wrong one fails the transfer."""
+    body = os.urandom(3 * CHUNK)
+    good = _split_chunks(body, 50, tail_sha256=hashlib.sha256(body[50:]).hexdigest())
+    wrong = _split_chunks(body, 50, tail_sha256=hashlib.sha256(b"other").hexdigest())
+
+    assert len(_feed(Reassembler(tmp_path / "good"), good)) == 1
+    with pytest.raises(TransferError, match="sha256"):
+        _feed(Reassembler(tmp_path / "wrong"), wrong)
+
+
+def test_a_split_transfer_resumes_after_a_restart_and_is_read_back(tmp_path):
+    body = os.urandom(6 * CHUNK)
+    chunks = _split_chunks(body, 2 * CHUNK + 5)
+    _feed(Reassembler(tmp_path), chunks[:4])
+
+    (completed,) = _feed(Reassembler(tmp_path), chunks[3:])
+
+    assert completed.path.read_bytes() == body
+    assert completed.tail_sha256 == hashlib.sha256(body[2 * CHUNK + 5 :]).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"x-fedmq-head-size": 0},
+        {"x-fedmq-head-size": 3 * CHUNK},  # no tail left
+        {"x-fedmq-head-sha256": "not-hex"},
+        {"x-fedmq-tail-sha256": None},
+    ],
+)
+def test_malformed_split_framing_is_refused(change):
+    header, _ = _split_chunks(os.urandom(3 * CHUNK), 10)[0]
+
+    with pytest.raises(TransferError):
+        ChunkHeader.from_headers({**header.to_headers(), **change})
+
+
+def test_a_chunk_whose_digest_is_split_elsewhere_does_not_join_the_transfer(tmp_path):
+    body = os.urandom(3 * CHUNK)
+    chunks = _split_chunks(body, 10)
+    other = replace(chunks[1][0], head_size=11, head_sha256=hashlib.sha256(body[:11]).hexdigest())
+    reassembler = Reassembler(tmp_path)
+    reassembler.add(*chunks[0])
+
+    with pytest.raises(TransferError, match="disagrees"):
+        reassembler.add(other, chunks[1][1])
