@@ -16,6 +16,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, TypeVar, Union
 
@@ -62,6 +63,22 @@ class Message:
         payload = bytes(getattr(self, "payload", b"")) if self.HAS_PAYLOAD else b""
         head = self._head(len(payload))
         return head + payload if payload else head
+
+    def encode_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> bytearray:
+        """The body of this message with ``parts``, concatenated, as its payload: written straight
+        after the map (one copy of them, where joining them and then the message makes two).
+        ``payload`` itself must be empty."""
+        if not self.HAS_PAYLOAD or len(getattr(self, "payload", b"")):
+            raise TypeError(f"{type(self).__name__}: the parts must be the message's only payload")
+        views = [memoryview(part).cast("B") for part in parts]
+        head = self._head(sum(len(view) for view in views))
+        body = bytearray(len(head) + sum(len(view) for view in views))
+        body[: len(head)] = head
+        position = len(head)
+        for view in views:
+            body[position : position + len(view)] = view
+            position += len(view)
+        return body
 
     def encode_with_frame(self, frame: WeightFrame) -> bytearray:
         """The body of this message with ``frame`` (a laid-out weight frame) as its payload.

@@ -87,6 +87,41 @@ def build_release(
 
 
 @dataclass(frozen=True)
+class EncodedRelease:
+    """A release's message body, where its weight frame starts in it, and the frame's sha256."""
+
+    body: bytearray
+    frame_offset: int
+    weights_sha256: str
+
+
+def encode_release(
+    model: str,
+    version: int,
+    code_envelope: bytes,
+    manifest_envelope: bytes,
+    frame: bytes | memoryview,
+    code_sha256: str,
+    weights_sha256: str,
+) -> EncodedRelease:
+    """The body of :func:`build_release`'s message, written in one buffer (one copy of the frame).
+
+    The frame ends the body; a publisher splits the chunked body's digest there and passes the
+    frame's known sha256, so neither side hashes the weights for the transfer once more.
+    """
+    message = ModelRelease(
+        model=model,
+        version=version,
+        code_sha256=code_sha256,
+        weights_sha256=weights_sha256,
+        code_size=len(code_envelope),
+        manifest_size=len(manifest_envelope),
+    )
+    body = message.encode_parts((code_envelope, manifest_envelope, frame))
+    return EncodedRelease(body, len(body) - len(memoryview(frame).cast("B")), weights_sha256)
+
+
+@dataclass(frozen=True)
 class VerifiedRelease:
     """A release whose signatures and digests all checked out (the code is still text)."""
 
@@ -99,13 +134,25 @@ class VerifiedRelease:
     code_sha256: str
 
 
+def release_frame_size(release: ModelRelease) -> int:
+    """Bytes of the weight frame that ends ``release``'s body (its payload's last part)."""
+    return max(0, len(release.payload) - release.code_size - release.manifest_size)
+
+
 def open_release(
     release: ModelRelease,
     trusted: Ed25519PublicKey,
     *,
     limits: codec.CodecLimits = codec.DEFAULT_LIMITS,
+    frame_sha256: str | None = None,
 ) -> VerifiedRelease:
-    """Verify everything in ``release`` (see the module docstring) and decode it."""
+    """Verify everything in ``release`` (see the module docstring) and decode it.
+
+    ``frame_sha256`` is the weight frame's sha256 when the caller computed it already from these
+    very bytes (a chunked transfer's verified tail digest, :mod:`common.broker.chunks`); it is
+    compared with the signed manifest instead of hashing the frame once more. The code is always
+    hashed here.
+    """
     payload = memoryview(release.payload)
     code_end = release.code_size
     manifest_end = code_end + release.manifest_size
@@ -128,7 +175,7 @@ def open_release(
         )
     if manifest["model"] != release.model:
         raise PayloadMismatchError(f"signed manifest is for model {manifest['model']!r}")
-    weights_sha = hashlib.sha256(frame).hexdigest()
+    weights_sha = frame_sha256 if frame_sha256 is not None else hashlib.sha256(frame).hexdigest()
     if weights_sha != manifest["sha256"] or len(frame) != manifest["size"]:
         raise PayloadMismatchError(
             f"weights of {release.model} v{release.version} differ from the signed manifest"

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from common.broker import Broker, OutgoingMessage
 from common.errors import BrokerError, FedmqError, UnroutableMessageError
+from common.release import EncodedRelease
 from coordinator.db.blobs import read_blob
 from coordinator.db.engine import Database
 from coordinator.db.models import OutboxMessage
@@ -27,7 +28,7 @@ from coordinator.rounds import RELEASE_HEADER, utcnow
 
 logger = logging.getLogger(__name__)
 
-ReleaseBuilder = Callable[[str, int], bytes]
+ReleaseBuilder = Callable[[str, int], EncodedRelease]
 
 
 class OutboxRelay:
@@ -79,18 +80,23 @@ class OutboxRelay:
                 return False
             headers = dict(row.headers or {})
             release = headers.get(RELEASE_HEADER)
+            tail_offset, tail_sha256 = 0, None
             if release is not None:
-                body: bytes | memoryview = self.build_release(str(release[0]), int(release[1]))
+                built = self.build_release(str(release[0]), int(release[1]))
+                body: bytes | bytearray = built.body
+                tail_offset, tail_sha256 = built.frame_offset, built.weights_sha256
             elif row.body_blob_id is not None:
-                body = read_blob(session, row.body_blob_id)
+                body = bytes(read_blob(session, row.body_blob_id))
             else:
                 body = row.body or b""
             message = OutgoingMessage(
                 exchange=row.exchange,
                 routing_key=row.routing_key,
-                body=bytes(body),
+                body=body,
                 headers=headers,
                 message_id=row.message_id,
+                tail_offset=tail_offset,
+                tail_sha256=tail_sha256,
             )
         error: str | None = None
         try:

@@ -47,7 +47,7 @@ from common.messages import (
     TrainTask,
     decode,
 )
-from common.release import build_release
+from common.release import EncodedRelease, encode_release
 from coordinator import jobs
 from coordinator.db.blobs import FileRegion, sweep_blob_files
 from coordinator.db.engine import Database
@@ -88,7 +88,7 @@ class Coordinator:
 
     # --------------------------------------------------------------------------- releases
 
-    def release_body(self, model: str, version: int) -> bytes:
+    def release_body(self, model: str, version: int) -> EncodedRelease:
         """The encoded ModelRelease of ``model`` ``version`` (signed parts from the registry)."""
         with self.db.session() as session:
             row = session.scalar(select(Model).where(Model.name == model))
@@ -100,9 +100,9 @@ class Coordinator:
             if ver is None:
                 raise NotFoundError(f"model {model!r} has no version {version}")
             frame = self.registry.frames.read(session, ver.weights_blob_id, ver.weights_sha256)
-            return build_release(
+            return encode_release(
                 model, version, row.code_envelope, ver.signature, frame, row.code_sha256, ver.weights_sha256
-            ).encode()
+            )
 
     # --------------------------------------------------------------------------- handlers
 
@@ -217,16 +217,18 @@ class Coordinator:
         if not delivery.reply_to:
             raise PoisonMessageError("fetch-model without reply_to")
         try:
-            body = self.release_body(request.model, request.version)
+            release = self.release_body(request.model, request.version)
         except NotFoundError as exc:
             raise PoisonMessageError(str(exc)) from exc
         self.broker.publish(
             OutgoingMessage(
                 exchange="",
                 routing_key=delivery.reply_to,
-                body=body,
+                body=release.body,
                 correlation_id=delivery.correlation_id,
                 persistent=False,
+                tail_offset=release.frame_offset,
+                tail_sha256=release.weights_sha256,
             )
         )
 
@@ -284,7 +286,12 @@ class Coordinator:
 
 def _payload_region(delivery: Delivery, report: DeltaReport) -> FileRegion | None:
     """Where the weight frame of ``report`` lies in the reassembled file it was read from, if any:
-    the payload is the body's tail (common/messages.py), so the blob store can link that file."""
+    the payload is the body's tail (common/messages.py), so the blob store can link that file.
+    A worker splits the transfer's digest where the frame starts: then the region comes with the
+    frame's sha256, verified by the reassembler, and the blob store does not hash it again."""
     if delivery.path is None or not len(report.payload):
         return None
-    return FileRegion(delivery.path, delivery.size - len(report.payload), len(report.payload))
+    offset = delivery.size - len(report.payload)
+    tail = delivery.verified_tail
+    sha256 = tail[1] if tail is not None and tail[0] == offset else None
+    return FileRegion(delivery.path, offset, len(report.payload), sha256)

@@ -34,7 +34,7 @@ from common.errors import DecodeError, FedmqError, SignatureError, StaleVersionE
 from common.messages import ModelRelease, decode
 from common.model import DynamicDLModel
 from common.model.bundle import join_model
-from common.release import VerifiedRelease, open_release
+from common.release import VerifiedRelease, open_release, release_frame_size
 from worker.config import KEEP_VERSIONS
 
 logger = logging.getLogger(__name__)
@@ -93,14 +93,21 @@ class ModelStore:
             return self._latest.get(model)
 
     def add(
-        self, body: bytes | bytearray, *, explicit: bool = False, source: Path | None = None
+        self,
+        body: bytes | bytearray,
+        *,
+        explicit: bool = False,
+        source: Path | None = None,
+        verified_tail: tuple[int, str] | None = None,
     ) -> VerifiedRelease:
         """Verify a release body and keep it (memory and disk). Raises SignatureError / DecodeError.
 
         An unasked release (not ``explicit``, not fetched by :meth:`get`) older than the newest
         accepted version of its model is a replay: StaleVersionError (see the module docstring).
         ``source`` is a file holding exactly ``body`` (a reassembled transfer): it is linked into
-        the cache instead of written again.
+        the cache instead of written again. ``verified_tail`` is ``(offset, sha256 of
+        body[offset:])`` as the transport checked it (:attr:`common.broker.Delivery.verified_tail`):
+        when it covers exactly the weight frame, the frame is not hashed again.
         """
         release = decode(body, ModelRelease)
         with self._arrived:
@@ -110,7 +117,10 @@ class ModelStore:
             raise StaleVersionError(
                 f"{release.model} v{release.version} announced after v{newest}: a replayed release"
             )
-        verified = open_release(release, self.trusted)
+        frame_sha256 = None
+        if verified_tail is not None and verified_tail[0] == len(body) - release_frame_size(release):
+            frame_sha256 = verified_tail[1]
+        verified = open_release(release, self.trusted, frame_sha256=frame_sha256)
         path = self._path(verified.model, verified.version)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -62,12 +62,15 @@ class FileRegion:
     """``size`` bytes at ``offset`` of the file at ``path``: where a blob's bytes already are.
 
     The caller hands the file over for the blob (it is hard-linked, and must not change after);
-    its bytes there must be the ones given to :func:`write_blobs`.
+    its bytes there must be the ones given to :func:`write_blobs`. ``sha256``, when set, is their
+    digest as the caller verified it (a chunked transfer's checked tail), used instead of hashing
+    them again.
     """
 
     path: Path
     offset: int
     size: int
+    sha256: str | None = None
 
 
 def blob_dir(session: Session) -> Path | None:
@@ -159,10 +162,18 @@ def write_blobs(
         sources = [None] * len(views)
     if len(sources) != len(views):
         raise ValueError(f"{len(sources)} sources for {len(views)} blobs")
+    for view, source in zip(views, sources, strict=True):
+        if source is not None and source.size != len(view):
+            raise ValueError(f"source of {source.size} bytes for a blob of {len(view)}")
     now = utcnow()
     rows: list[dict[str, object]] = [
-        {"sha256": _sha256([view]), "size": len(view), "chunk_size": CHUNK_SIZE, "created_at": now}
-        for view in views
+        {
+            "sha256": source.sha256 if source is not None and source.sha256 else _sha256([view]),
+            "size": len(view),
+            "chunk_size": CHUNK_SIZE,
+            "created_at": now,
+        }
+        for view, source in zip(views, sources, strict=True)
     ]
     if not rows:
         return []
@@ -170,8 +181,6 @@ def write_blobs(
     in_files = False
     for row, view, source in zip(rows, views, sources, strict=True):
         if directory is not None and len(view) >= FILE_MIN_SIZE:
-            if source is not None and source.size != len(view):
-                raise ValueError(f"source of {source.size} bytes for a blob of {len(view)}")
             row["file"], row["file_offset"] = _place_file(directory, [view], source)
             in_files = True
         else:

@@ -175,3 +175,30 @@ def test_a_deleted_blob_loses_its_file_only_when_the_delete_commits(sqlite_db: D
     with sqlite_db.session(write=True) as session:
         delete_blobs(session, {blob.id})
     assert not path.exists()
+
+
+def test_a_region_with_a_verified_digest_is_not_hashed_again(
+    sqlite_db: Database, tmp_path: Path, monkeypatch
+):
+    """A chunked delta's frame comes with the sha256 its transfer's check computed: the blob row
+    takes it (read_blob still checks the bytes against it)."""
+    import hashlib
+
+    from coordinator.db import blobs
+
+    payload = random_bytes(seed=4)
+    part = tmp_path / "t2.part"
+    part.write_bytes(b"H" * 60 + payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    hashed: list[int] = []
+    real = blobs._sha256
+    monkeypatch.setattr(blobs, "_sha256", lambda parts: hashed.append(len(parts)) or real(parts))
+
+    with sqlite_db.session(write=True) as session:
+        (blob_id,) = write_blobs(session, [payload], [FileRegion(part, 60, len(payload), digest)])
+
+    assert hashed == []
+    with sqlite_db.session() as session:
+        row = session.get(Blob, blob_id)
+        assert row is not None and row.sha256 == digest
+        assert bytes(read_blob(session, blob_id)) == payload

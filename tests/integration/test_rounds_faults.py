@@ -25,6 +25,7 @@ from common.model import DynamicDLModel
 from common.model.bundle import code_of, join_model
 from common.model.numpy_model import make_linear_model
 from coordinator.cli.main import app
+from coordinator.db.blobs import read_blob
 from coordinator.db.models import Blob, BlobChunk, Delta, Task, Worker
 from coordinator.registry import KeySigner, ModelRegistry
 from tests.integration.cluster import Cluster
@@ -229,6 +230,9 @@ def test_a_model_larger_than_the_chunk_size_completes_a_round(sqlite_cluster: Cl
                 select(BlobChunk.blob_id).where(BlobChunk.blob_id.in_([b.id for b in delta_blobs]))
             )
             delta_chunks = list(chunks)
+            # the digests the blob rows took from the transfers' checks are the files' (read_blob
+            # raises otherwise): workers split each delta's digest where its frame starts
+            assert all(len(read_blob(session, b.id)) == b.size for b in delta_blobs)
     assert info.weights_size > 40_000_000 > cluster.settings.chunk_size * 9
     # Each delta kept the file it was reassembled in (its frame after the message's header), in the
     # database's blob directory: not written into SQL, nor copied.

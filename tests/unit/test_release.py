@@ -16,7 +16,9 @@ from common.release import (
     CODE_ENVELOPE_VERSION,
     KIND_MODEL_WEIGHTS,
     build_release,
+    encode_release,
     open_release,
+    release_frame_size,
     version_manifest,
 )
 
@@ -90,3 +92,40 @@ def test_a_release_for_another_model_is_refused():
     renamed = ModelRelease(**{**release.__dict__, "model": "b"})
     with pytest.raises(SignatureError):
         open_release(renamed, key.public_key())
+
+
+def test_encode_release_writes_the_same_body_and_says_where_the_frame_starts():
+    key = keyfiles.generate_key()
+    release = make_release(key)
+    frame_size = len(release.payload) - release.code_size - release.manifest_size
+    payload = memoryview(release.payload)
+    code_env = bytes(payload[: release.code_size])
+    manifest_env = bytes(payload[release.code_size : release.code_size + release.manifest_size])
+    frame = payload[-frame_size:]
+
+    encoded = encode_release(
+        release.model,
+        release.version,
+        code_env,
+        manifest_env,
+        frame,
+        release.code_sha256,
+        release.weights_sha256,
+    )
+
+    assert bytes(encoded.body) == release.encode()
+    assert bytes(encoded.body[encoded.frame_offset :]) == bytes(frame)
+    assert encoded.frame_offset == len(encoded.body) - release_frame_size(release)
+    assert encoded.weights_sha256 == hashlib.sha256(frame).hexdigest()
+
+
+def test_a_frame_digest_the_caller_verified_is_still_checked_against_the_signed_manifest():
+    """A chunked transfer's tail digest stands in for hashing the frame, never for the manifest check."""
+    key = keyfiles.generate_key()
+    release = make_release(key)
+    frame = memoryview(release.payload)[release.code_size + release.manifest_size :]
+
+    verified = open_release(release, key.public_key(), frame_sha256=hashlib.sha256(frame).hexdigest())
+    assert verified.weights_sha256 == release.weights_sha256
+    with pytest.raises(PayloadMismatchError, match="differ from the signed manifest"):
+        open_release(release, key.public_key(), frame_sha256=hashlib.sha256(b"other weights").hexdigest())

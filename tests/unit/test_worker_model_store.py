@@ -170,3 +170,45 @@ def test_a_version_removed_from_the_cache_is_fetched_again_when_a_task_names_it(
 def test_a_cache_that_keeps_no_version_is_refused(tmp_path, key):
     with pytest.raises(ValueError, match="keep_versions"):
         ModelStore(tmp_path / "cache", key.public_key(), keep_versions=0)
+
+
+def _hashed_sizes(monkeypatch) -> list[int]:
+    """Sizes of what common.release hashes from now on."""
+    import hashlib
+    import types
+
+    import common.release
+
+    sizes: list[int] = []
+
+    def sha256(data=b""):
+        sizes.append(len(memoryview(data).cast("B")))
+        return hashlib.sha256(data)
+
+    monkeypatch.setattr(common.release, "hashlib", types.SimpleNamespace(sha256=sha256))
+    return sizes
+
+
+def test_a_frame_digest_the_transfer_verified_is_not_computed_again(store, key, monkeypatch):
+    import hashlib
+
+    from common.errors import SignatureError
+    from common.release import release_frame_size
+
+    release = make_release(key, version=1)
+    body = release.encode()
+    frame_offset = len(body) - release_frame_size(release)
+    frame_sha256 = hashlib.sha256(body[frame_offset:]).hexdigest()
+    sizes = _hashed_sizes(monkeypatch)
+
+    store.add(body, verified_tail=(frame_offset, frame_sha256))
+    assert len(body) - frame_offset not in sizes  # the code was hashed, the weights were not
+
+    sizes.clear()
+    store.add(make_release(key, version=2).encode(), verified_tail=(0, hashlib.sha256(b"x").hexdigest()))
+    assert len(body) - frame_offset in sizes  # a digest of another part of the body: hashed here
+
+    v3 = make_release(key, version=3)
+    v3_offset = len(v3.encode()) - release_frame_size(v3)
+    with pytest.raises(SignatureError, match="signed manifest"):
+        store.add(v3.encode(), verified_tail=(v3_offset, hashlib.sha256(b"other weights").hexdigest()))
