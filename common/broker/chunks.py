@@ -48,10 +48,12 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -241,13 +243,58 @@ class _RunningHash:
 
     def update(self, offset: int, data: bytes | memoryview) -> None:
         """Hash the chunk ``data`` that starts at ``offset`` (the next one in order)."""
+        self.hash(offset, data)
+        self.next_index += 1
+
+    def hash(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         if self.head is not None and offset < self.head_size:
             cut = self.head_size - offset
             self.head.update(view[:cut])
             view = view[cut:]
         self.digest.update(view)
-        self.next_index += 1
+
+
+class _Background:
+    """One thread that runs a reassembler's disk writes and hashing, in submission order.
+
+    A durable reassembler's ``O_DIRECT`` writes wait for the disk, and hashing a chunk takes as
+    long again; in this thread (both release the GIL) they overlap with the consumer receiving the
+    next chunks and handling complete messages. :meth:`drain` waits for everything submitted and
+    raises the first error any of it raised.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._pending = 0
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._done:
+            self._pending += 1
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if self._error is None:  # after an error nothing more is written until drained
+                    job()
+            except BaseException as exc:  # handed to the consumer's thread by drain()
+                self._error = exc
+            finally:
+                with self._done:
+                    self._pending -= 1
+                    self._done.notify_all()
+
+    def drain(self) -> None:
+        with self._done:
+            self._done.wait_for(lambda: self._pending == 0)
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 @dataclass
@@ -301,6 +348,9 @@ class Reassembler:
         # reassembler that need not sync keeps the page cache, where a short-lived file may never
         # be written at all. Turned off for good once the file system refuses it.
         self._writer = DirectWriter(fsync if direct is None else direct)
+        # A reassembler writing with O_DIRECT writes and hashes chunks in a thread of its own
+        self._background: _Background | None = None
+        self._background_name = f"fedmq-chunks-{directory.name}"
         self.memory_budget = memory_budget  # bytes of directly written transfers also kept in memory
         self._memory_used = 0
         self._unsynced: set[str] = set()
@@ -366,10 +416,14 @@ class Reassembler:
                     f"not by {entry.sender!r} who started it"
                 )
         if header.index not in entry.received:
-            self._write(entry, header, data)
+            if entry.memory is not None:
+                entry.memory[header.offset : header.offset + len(data)] = data
             running = entry.running
             if running is not None and running.next_index == header.index:
-                running.update(header.offset, data)
+                running.next_index += 1
+            else:
+                running = None
+            self._submit(entry, header, data, running)
             entry.received.add(header.index)
             if sync:
                 self._persist(entry)
@@ -392,10 +446,39 @@ class Reassembler:
         """Bytes written with O_DIRECT so far (the rest went through the page cache)."""
         return self._writer.direct_bytes
 
+    def _submit(
+        self, entry: _Open, header: ChunkHeader, data: bytes | memoryview, running: _RunningHash | None
+    ) -> None:
+        """Write one chunk (and hash it, when it is the next in order): in the background thread
+        for a transfer written with O_DIRECT, else here. :meth:`_drain` waits for it."""
+
+        def store() -> None:
+            self._write(entry, header, data)
+            if running is not None:
+                running.hash(header.offset, data)
+
+        if self._background is None:
+            if entry.direct_fd < 0:
+                store()
+                return
+            self._background = _Background(self._background_name)
+        self._background.submit(store)  # once started, every chunk goes there: hashed in order
+
+    def _drain(self) -> None:
+        """Wait for the background writes; if one failed, forget every open transfer (their state
+        on disk is older than what was acked for none of them) and raise its error."""
+        if self._background is None:
+            return
+        try:
+            self._background.drain()
+        except BaseException:
+            for transfer_id in list(self._open):
+                self._close(transfer_id, drained=True)
+            self._unsynced.clear()
+            raise
+
     def _write(self, entry: _Open, header: ChunkHeader, data: bytes | memoryview) -> None:
         """Write one chunk at its offset: whole blocks with O_DIRECT when open, the rest cached."""
-        if entry.memory is not None:
-            entry.memory[header.offset : header.offset + len(data)] = data
         if entry.direct_fd < 0:
             pwrite_all(entry.fd, data, header.offset)
         elif not self._writer.pwrite(entry.direct_fd, entry.fd, data, header.offset):
@@ -456,6 +539,7 @@ class Reassembler:
         self._open[header.transfer_id] = entry
         while len(self._open) > _MAX_OPEN:  # many transfers at once: close the oldest, kept on disk
             oldest = next(iter(self._open))
+            self._drain()
             self._write_state(self._open[oldest], fsync=False)
             self._close(oldest)
         return entry
@@ -470,12 +554,14 @@ class Reassembler:
 
     def _persist(self, entry: _Open) -> None:
         """Record the chunks of ``entry`` on disk: the data first, then the state naming them."""
+        self._drain()
         if self.fsync:
             os.fsync(entry.fd)
         self._write_state(entry, fsync=self.fsync)
 
     def sync(self) -> None:
         """Make every chunk stored with ``add(..., sync=False)`` durable (data, then state)."""
+        self._drain()
         pending, self._unsynced = self._unsynced, set()
         for transfer_id in sorted(pending):
             entry = self._open.get(transfer_id)
@@ -491,7 +577,9 @@ class Reassembler:
             except FileNotFoundError:
                 continue  # finished or discarded meanwhile: nothing left to keep
 
-    def _close(self, transfer_id: str) -> None:
+    def _close(self, transfer_id: str, drained: bool = False) -> None:
+        if not drained:
+            self._drain()
         entry = self._open.pop(transfer_id, None)
         if entry is not None:
             if entry.memory is not None:
@@ -501,6 +589,7 @@ class Reassembler:
             os.close(entry.fd)
 
     def _verify(self, entry: _Open) -> None:
+        self._drain()
         header, running = entry.header, entry.running
         if running is None or running.next_index != header.count:
             # chunks came out of order, or some before a restart: read the body back

@@ -483,3 +483,64 @@ def test_a_chunk_whose_digest_is_split_elsewhere_does_not_join_the_transfer(tmp_
 
     with pytest.raises(TransferError, match="disagrees"):
         reassembler.add(other, chunks[1][1])
+
+
+# --------------------------------------------------------------------------- background writes
+
+
+def test_a_durable_reassembler_writes_and_hashes_off_the_callers_thread(tmp_path, monkeypatch):
+    import threading
+
+    from common.durable import DirectWriter
+
+    threads: set[str] = set()
+    real = DirectWriter.pwrite
+
+    def pwrite(self, *args):
+        threads.add(threading.current_thread().name)
+        return real(self, *args)
+
+    monkeypatch.setattr(DirectWriter, "pwrite", pwrite)
+    body = os.urandom(8 * 4096 * 4)
+    reassembler = Reassembler(tmp_path, fsync=True)
+
+    (completed,) = _feed(reassembler, _chunks(body, 4 * 4096))
+
+    assert completed.path.read_bytes() == body
+    assert reassembler.direct and threads and threading.current_thread().name not in threads
+
+
+def test_a_write_that_fails_in_the_background_fails_the_batch_and_the_redelivery_completes(
+    tmp_path, monkeypatch
+):
+    """The error reaches the consumer before any chunk of the batch is acked; RabbitMQ gives the
+    batch back, and the transfer completes from the state last made durable."""
+    from common.durable import DirectWriter
+
+    real = DirectWriter.pwrite
+    failures = [2]  # the third write fails once, as on a full disk
+
+    def pwrite(self, direct_fd, fd, data, offset):
+        if failures and offset == failures[0] * 4 * 4096:
+            failures.pop()
+            raise OSError(28, "No space left on device")
+        return real(self, direct_fd, fd, data, offset)
+
+    monkeypatch.setattr(DirectWriter, "pwrite", pwrite)
+    body = os.urandom(6 * 4 * 4096)
+    chunks = _chunks(body, 4 * 4096)
+    reassembler = Reassembler(tmp_path, fsync=True)
+    for header, data in chunks[:2]:
+        reassembler.add(header, data, sync=False)
+    reassembler.sync()  # chunks 0 and 1 are durable (acked)
+    assert reassembler.direct  # as the tests above: the test's directory takes O_DIRECT
+
+    with pytest.raises(OSError, match="No space"):
+        for header, data in chunks[2:4]:
+            reassembler.add(header, data, sync=False)
+        reassembler.sync()
+
+    results = [reassembler.add(header, data, sync=False) for header, data in chunks[2:]]  # redelivered
+    reassembler.sync()
+    (completed,) = [r for r in results if r is not None]
+    assert completed.path.read_bytes() == body
