@@ -18,7 +18,7 @@ the code's sha256 against the signed manifest, and only then parses anything: th
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import msgpack
@@ -75,6 +75,19 @@ def build_release(
     weights_sha256: str,
 ) -> ModelRelease:
     """A release message from the stored parts (no signing here: the registry signed them)."""
+    head = _release_head(model, version, code_envelope, manifest_envelope, code_sha256, weights_sha256)
+    return replace(head, payload=b"".join((code_envelope, manifest_envelope, frame)))
+
+
+def _release_head(
+    model: str,
+    version: int,
+    code_envelope: bytes,
+    manifest_envelope: bytes,
+    code_sha256: str,
+    weights_sha256: str,
+) -> ModelRelease:
+    """The release message's fields, without its payload."""
     return ModelRelease(
         model=model,
         version=version,
@@ -82,7 +95,6 @@ def build_release(
         weights_sha256=weights_sha256,
         code_size=len(code_envelope),
         manifest_size=len(manifest_envelope),
-        payload=b"".join((code_envelope, manifest_envelope, frame)),
     )
 
 
@@ -109,15 +121,8 @@ def encode_release(
     The frame ends the body; a publisher splits the chunked body's digest there and passes the
     frame's known sha256, so neither side hashes the weights for the transfer once more.
     """
-    message = ModelRelease(
-        model=model,
-        version=version,
-        code_sha256=code_sha256,
-        weights_sha256=weights_sha256,
-        code_size=len(code_envelope),
-        manifest_size=len(manifest_envelope),
-    )
-    body = message.encode_parts((code_envelope, manifest_envelope, frame))
+    head = _release_head(model, version, code_envelope, manifest_envelope, code_sha256, weights_sha256)
+    body = head.encode_parts((code_envelope, manifest_envelope, frame))
     return EncodedRelease(body, len(body) - len(memoryview(frame).cast("B")), weights_sha256)
 
 
