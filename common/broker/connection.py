@@ -6,12 +6,14 @@ opens its own connection through :func:`connect` (the consumer and the publisher
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import ssl
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pika
@@ -76,10 +78,34 @@ def url_username(config: BrokerConfig) -> str:
 
 
 def connect(config: BrokerConfig, name: str) -> pika.BlockingConnection:
-    """Open one connection; :class:`BrokerUnreachableError` or :class:`BrokerAccessRefusedError`."""
+    """Open one connection; :class:`BrokerUnreachableError` or :class:`BrokerAccessRefusedError`.
+
+    RabbitMQ blocking the connection (a memory or disk alarm: publishes then wait, for up to
+    ``blocked_connection_timeout_s``) and unblocking it are logged, so a stalled publisher says why.
+    """
     params = connection_parameters(config, name)
     with translating_pika_errors():
-        return pika.BlockingConnection(params)
+        connection = pika.BlockingConnection(params)
+    # On pika's underlying connection: BlockingConnection's own callbacks wait for the next
+    # process_data_events, which a publish blocked by the alarm never reaches.
+    impl = connection._impl
+    impl.add_on_connection_blocked_callback(functools.partial(_on_blocked, name))
+    impl.add_on_connection_unblocked_callback(functools.partial(_on_unblocked, name))
+    return connection
+
+
+def _on_blocked(name: str, _connection: object, frame: Any) -> None:
+    reason = getattr(getattr(frame, "method", None), "reason", None) or "no reason given"
+    logger.warning(
+        "%s: RabbitMQ blocks publishing (%s): it raised a resource alarm (memory or disk; "
+        "`rabbitmq-diagnostics alarms` on its host); publishes wait until it clears",
+        name,
+        reason,
+    )
+
+
+def _on_unblocked(name: str, _connection: object, _frame: object) -> None:
+    logger.warning("%s: RabbitMQ's resource alarm cleared; publishing resumes", name)
 
 
 def backoff_delays(initial_s: float, max_s: float) -> Iterator[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from common.broker.chunks import ChunkHeader, CompletedTransfer, Reassembler
 from common.broker.connection import connect
 from common.broker.consumer import Consumer
 from common.broker.message import REASON_HEADER
+from common.broker.publisher import Publisher
 from common.broker.topology import (
     RESULTS_QUEUE,
     Binding,
@@ -214,6 +216,28 @@ def test_a_chunked_body_whose_digest_is_split_arrives_with_its_tails_verified_di
     assert seen["split"] == (body, (len(head), digest))
     assert seen["whole"] == (tail, (0, digest))
     assert seen["small"] == (b"small", None)  # sent whole: nothing was hashed, nothing to reuse
+
+
+def test_a_publisher_blocked_by_a_resource_alarm_says_why_and_resumes(config, queue, rabbitmq, caplog):
+    """A broker short of memory or disk blocks publishers; the log says so instead of a silent stall."""
+    caplog.set_level(logging.WARNING, logger="common.broker.connection")
+    publisher = Publisher(config, name="alarmed-publisher")
+    publisher.publish(OutgoingMessage(f"{queue}.ex", "key", b"before"))
+    sent = threading.Event()
+    rabbitmq.ctl("set_vm_memory_high_watermark", "0.0000001")  # a memory alarm, at once
+    try:
+        blocked = threading.Thread(
+            target=lambda: (publisher.publish(OutgoingMessage(f"{queue}.ex", "key", b"during")), sent.set())
+        )
+        blocked.start()
+        _wait_for(lambda: "RabbitMQ blocks publishing" in caplog.text, "the blocked warning")
+        assert not sent.is_set()
+    finally:
+        rabbitmq.ctl("set_vm_memory_high_watermark", "0.4")
+    blocked.join(WAIT_S)
+    assert sent.is_set() and "alarm cleared; publishing resumes" in caplog.text
+    assert "alarmed-publisher" in caplog.text
+    publisher.close()
 
 
 def test_a_message_that_always_fails_is_dead_lettered_with_the_reason(broker, config, queue, rabbitmq):
