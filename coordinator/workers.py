@@ -103,8 +103,10 @@ def add_worker(
     broker_dir: Path | None,
     password: str | None = None,
     data: str | None = None,
+    threads: int | None = None,
 ) -> AddedWorker:
-    """Create the broker user (via the dev node in ``broker_dir``), queues, SQL row and config file."""
+    """Create the broker user (via the dev node in ``broker_dir``), queues, SQL row and config file
+    (``threads``: the CPU threads its model code may use, written into the config)."""
     public_path = _check_new_workers(settings, db, [name])
     password = password or _new_password()
     if broker_dir is not None:
@@ -114,12 +116,18 @@ def add_worker(
         admin.add_user(node, name, password)
         admin.set_permissions(node, name, *worker_permissions(name), vhost=vhost_of(settings.amqp_url))
     _declare_worker_queues(settings, [name])
-    (added,) = _record_workers(settings, db, public_path, [(name, password, config_path, data)])
+    (added,) = _record_workers(settings, db, public_path, [(name, password, config_path, data)], threads)
     return added
 
 
 def add_workers(
-    settings: Settings, db: Database, names: Sequence[str], config_dir: Path, *, broker_dir: Path | None
+    settings: Settings,
+    db: Database,
+    names: Sequence[str],
+    config_dir: Path,
+    *,
+    broker_dir: Path | None,
+    threads: int | None = None,
 ) -> list[AddedWorker]:
     """:func:`add_worker` for many workers at once, each config in ``config_dir/NAME.toml``.
 
@@ -133,7 +141,7 @@ def add_workers(
         import_worker_users(_dev_node(broker_dir), passwords, vhost=vhost_of(settings.amqp_url))
     _declare_worker_queues(settings, names)
     entries = [(name, passwords[name], config_dir / f"{name}.toml", None) for name in names]
-    return _record_workers(settings, db, public_path, entries)
+    return _record_workers(settings, db, public_path, entries, threads)
 
 
 def rabbitmq_password_hash(password: str, salt: bytes | None = None) -> str:
@@ -222,6 +230,7 @@ def _record_workers(
     db: Database,
     public_path: Path,
     entries: Sequence[tuple[str, str, Path, str | None]],
+    threads: int | None = None,
 ) -> list[AddedWorker]:
     """The SQL rows (one transaction) and config files of (name, password, config path, data) entries."""
     with db.session(write=True) as session:
@@ -246,6 +255,7 @@ def _record_workers(
             data=data,
             amqp_heartbeat_s=settings.amqp_heartbeat_s,
             tls_ca_file=settings.amqp_tls_ca_file,
+            threads=threads,
         ).write(config_path)
         logger.info("worker %s added; config in %s", name, config_path)
         added.append(AddedWorker(name, config_path, url))

@@ -37,10 +37,18 @@ def add_command(
         False, "--no-broker-user", help="Do not create the broker user (made elsewhere)."
     ),
     password: str = typer.Option(None, "--password", help="The broker password (default: a new random one)."),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="CPU threads the worker's model code may use (BLAS, OpenMP, TensorFlow), written into "
+        "the config (`fedmq worker run --threads` overrides it). Default: every core. Give each of "
+        "N workers sharing a machine cores/N.",
+    ),
 ) -> None:
     """Create a worker: broker user and queues, registry row, config file (mode 0600).
 
-    Example: fedmq workers add alice --data data/alice
+    Example: fedmq workers add alice --data data/alice --threads 2
     """
     db = _db()
     try:
@@ -53,6 +61,7 @@ def add_command(
             broker_dir=None if no_broker_user else broker_dir,
             password=password,
             data=data,
+            threads=threads,
         )
     finally:
         db.dispose()
