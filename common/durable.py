@@ -122,24 +122,25 @@ class DirectWriter:
                         if len(pending) < BLOCK:
                             continue
                         if not self.pwrite(direct_fd, fd, pending, offset):
-                            direct_fd = _closed(direct_fd)
+                            direct_fd = close_fd(direct_fd)
                         offset, pending = offset + len(pending), bytearray()
                     whole = len(view) - len(view) % BLOCK
                     if whole:
                         if not self.pwrite(direct_fd, fd, view[:whole], offset):
-                            direct_fd = _closed(direct_fd)
+                            direct_fd = close_fd(direct_fd)
                         offset += whole
                     pending += view[whole:]
                 if pending:
                     pwrite_all(fd, pending, offset)
             finally:
-                _closed(direct_fd)
+                close_fd(direct_fd)
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def _closed(fd: int) -> int:
+def close_fd(fd: int) -> int:
+    """Close ``fd`` unless it is -1 (none); return -1, for ``fd = close_fd(fd)``."""
     if fd >= 0:
         os.close(fd)
     return -1

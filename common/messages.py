@@ -73,9 +73,8 @@ class Message:
         views = [memoryview(part).cast("B") for part in parts]
         head = self._head(sum(len(view) for view in views))
         body = bytearray(len(head) + sum(len(view) for view in views))
-        body[: len(head)] = head
-        position = len(head)
-        for view in views:
+        position = 0
+        for view in (memoryview(head), *views):
             body[position : position + len(view)] = view
             position += len(view)
         return body

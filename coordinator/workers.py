@@ -121,13 +121,7 @@ def add_worker(
 
 
 def add_workers(
-    settings: Settings,
-    db: Database,
-    names: Sequence[str],
-    config_dir: Path,
-    *,
-    broker_dir: Path | None,
-    threads: int | None = None,
+    settings: Settings, db: Database, names: Sequence[str], config_dir: Path, *, broker_dir: Path | None
 ) -> list[AddedWorker]:
     """:func:`add_worker` for many workers at once, each config in ``config_dir/NAME.toml``.
 
@@ -141,7 +135,7 @@ def add_workers(
         import_worker_users(_dev_node(broker_dir), passwords, vhost=vhost_of(settings.amqp_url))
     _declare_worker_queues(settings, names)
     entries = [(name, passwords[name], config_dir / f"{name}.toml", None) for name in names]
-    return _record_workers(settings, db, public_path, entries, threads)
+    return _record_workers(settings, db, public_path, entries)
 
 
 def rabbitmq_password_hash(password: str, salt: bytes | None = None) -> str:

@@ -58,7 +58,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.durable import BLOCK, DirectWriter, fsync_path, pwrite_all
+from common.durable import BLOCK, DirectWriter, close_fd, fsync_path, pwrite_all
 from common.errors import TransferError
 
 logger = logging.getLogger(__name__)
@@ -241,12 +241,8 @@ class _RunningHash:
     head: Any = None
     head_size: int = 0
 
-    def update(self, offset: int, data: bytes | memoryview) -> None:
-        """Hash the chunk ``data`` that starts at ``offset`` (the next one in order)."""
-        self.hash(offset, data)
-        self.next_index += 1
-
     def hash(self, offset: int, data: bytes | memoryview) -> None:
+        """Hash ``data``, the body's bytes from ``offset`` on (the next ones in order)."""
         view = memoryview(data).cast("B")
         if self.head is not None and offset < self.head_size:
             cut = self.head_size - offset
@@ -449,8 +445,9 @@ class Reassembler:
     def _submit(
         self, entry: _Open, header: ChunkHeader, data: bytes | memoryview, running: _RunningHash | None
     ) -> None:
-        """Write one chunk (and hash it, when it is the next in order): in the background thread
-        for a transfer written with O_DIRECT, else here. :meth:`_drain` waits for it."""
+        """Write one chunk (and hash it, when it is the next in order): here until a transfer is
+        written with O_DIRECT, then every chunk in the background thread, in order (a running
+        digest must see its chunks in turn). :meth:`_drain` waits for them."""
 
         def store() -> None:
             self._write(entry, header, data)
@@ -482,19 +479,13 @@ class Reassembler:
         if entry.direct_fd < 0:
             pwrite_all(entry.fd, data, header.offset)
         elif not self._writer.pwrite(entry.direct_fd, entry.fd, data, header.offset):
-            self._close_direct(entry)
+            entry.direct_fd = close_fd(entry.direct_fd)
 
     def _open_direct(self, part: Path, header: ChunkHeader) -> int:
         """``part`` opened for O_DIRECT writes, or -1 (off, unaligned chunks, or refused)."""
         if header.chunk_size % BLOCK:
             return -1
         return self._writer.open(part)
-
-    @staticmethod
-    def _close_direct(entry: _Open) -> None:
-        if entry.direct_fd >= 0:
-            os.close(entry.direct_fd)
-            entry.direct_fd = -1
 
     def _check_chunk(self, header: ChunkHeader, data: bytes | memoryview) -> None:
         if header.total_size > self.max_transfer_size:
@@ -585,7 +576,7 @@ class Reassembler:
             if entry.memory is not None:
                 self._memory_used -= len(entry.memory)
                 entry.memory = None
-            self._close_direct(entry)
+            entry.direct_fd = close_fd(entry.direct_fd)
             os.close(entry.fd)
 
     def _verify(self, entry: _Open) -> None:
@@ -597,7 +588,7 @@ class Reassembler:
             with open(entry.part, "rb") as handle:
                 offset = 0
                 while block := handle.read(_READ_BLOCK):
-                    running.update(offset, block)
+                    running.hash(offset, block)
                     offset += len(block)
         head_ok = running.head is None or running.head.hexdigest() == header.head_sha256
         if not head_ok or running.digest.hexdigest() != header.sha256:
