@@ -20,6 +20,7 @@ the round's state checked under the round's row lock before aggregating.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -27,10 +28,10 @@ import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from common import codec
@@ -40,6 +41,7 @@ from common.faults import fault_point
 from common.messages import CancelRun, DeltaReport, StartRun, TaskFailed, TrainTask
 from coordinator.control import check_start_run
 from coordinator.db.blobs import FileRegion, read_blob, write_blob, write_blobs
+from coordinator.db.bulk import insert_rows
 from coordinator.db.engine import Database
 from coordinator.db.models import Delta, Model, ModelVersion, OutboxMessage, Round, Run, Task, Worker
 from coordinator.registry import ModelRegistry
@@ -68,6 +70,9 @@ class DeltaOutcome:
     status: str  # accepted | duplicate | rejected
     reason: str = ""
     round_id: int | None = None
+    # The round was, when the delta committed, a synchronous one waiting for more answers before
+    # its deadline: advancing it then changes nothing (the ticker sees to the deadline).
+    round_waits: bool = False
 
 
 def release_outbox_row(model: str, version: int) -> OutboxMessage:
@@ -82,18 +87,34 @@ def release_outbox_row(model: str, version: int) -> OutboxMessage:
 
 
 _Row = TypeVar("_Row", Round, Worker, ModelVersion)
-# What an accepted delta's row is inserted with (received_at: the column's default).
-_DELTA_COLUMNS = (
-    "task_id",
-    "round_id",
-    "worker_id",
-    "worker_name",
-    "base_version_id",
-    "sample_count",
-    "norm",
-    "status",
-    "metrics",
-)
+
+
+class _TaskRow(NamedTuple):
+    """What the intake reads of a task (plain values: loading ORM rows was a tenth of its time)."""
+
+    task_id: str
+    round_id: int
+    worker_id: int | None
+    state: str
+
+
+@dataclass(slots=True)
+class _Accepted:
+    """An accepted delta's row before it is inserted (received_at: the column's default)."""
+
+    task_id: str
+    round_id: int
+    worker_id: int
+    worker_name: str
+    base_version_id: int
+    sample_count: int
+    norm: float
+    metrics: dict[str, Any]
+    status: str = DELTA_ACCEPTED
+    id: int | None = None  # set by _Intake.store
+
+
+_DELTA_COLUMNS = tuple(f for f in _Accepted.__dataclass_fields__ if f != "id")
 
 
 @dataclass
@@ -106,32 +127,34 @@ class _Intake:
     """
 
     session: Session
-    tasks: dict[str, Task]
+    tasks: dict[str, _TaskRow]
     answered: set[str]
     full_buffer: int | None = None  # an async round whose buffer the last delta filled
     _rows: dict[tuple[type, int], object] = field(default_factory=dict)
     _runs: dict[str, Run | None] = field(default_factory=dict)
     _buffers: dict[str, Round | None] = field(default_factory=dict)
     _counts: dict[int, int] = field(default_factory=dict)
-    _accepted: list[tuple[Delta, memoryview, FileRegion | None]] = field(default_factory=list)
-    decoded: list[tuple[Delta, list[np.ndarray], float, int]] = field(default_factory=list)
+    _accepted: list[tuple[_Accepted, memoryview, FileRegion | None]] = field(default_factory=list)
+    _failed: list[str] = field(default_factory=list)  # pending tasks a rejected delta answered
+    seen: dict[int, Worker] = field(default_factory=dict)  # workers whose delta was accepted
+    decoded: list[tuple[_Accepted, list[np.ndarray], float, int]] = field(default_factory=list)
 
     @classmethod
     def load(cls, session: Session, task_ids: Sequence[str]) -> _Intake:
-        tasks: dict[str, Task] = {}
+        tasks: dict[str, _TaskRow] = {}
         answered: set[str] = set()
         unique = sorted(set(task_ids))
         for i in range(0, len(unique), 500):
             part = unique[i : i + 500]
             rows = session.execute(
-                select(Task, Delta.id)
+                select(Task.task_id, Task.round_id, Task.worker_id, Task.state, Delta.id)
                 .outerjoin(Delta, Delta.task_id == Task.task_id)
                 .where(Task.task_id.in_(part))
             )
-            for task, delta_id in rows:
-                tasks[task.task_id] = task
+            for task_id, round_id, worker_id, state, delta_id in rows:
+                tasks[task_id] = _TaskRow(task_id, round_id, worker_id, state)
                 if delta_id is not None:
-                    answered.add(task.task_id)
+                    answered.add(task_id)
         return cls(session, tasks, answered)
 
     def get(self, entity: type[_Row], pk: int) -> _Row | None:
@@ -171,18 +194,43 @@ class _Intake:
             self._counts[round_.id] += sum(1 for row, _, _ in self._accepted if row.round_id == round_.id)
         return self._counts[round_.id]
 
-    def accept(self, row: Delta, weights: memoryview | bytes, source: FileRegion | None = None) -> None:
+    def accept(self, row: _Accepted, weights: memoryview | bytes, source: FileRegion | None = None) -> None:
         """Add an accepted delta (its task done); :meth:`store` writes it with the others.
         ``source``: a file already holding ``weights`` (coordinator/db/blobs.py)."""
         self._accepted.append((row, memoryview(weights), source))
-        if row.task_id is not None:
-            self.answered.add(row.task_id)
+        self.answered.add(row.task_id)
         if row.round_id in self._counts:
             self._counts[row.round_id] += 1
+
+    def fail_task(self, task: _TaskRow) -> None:
+        """A rejected delta from its own worker answers its task: failed, if still pending."""
+        self.answered.add(task.task_id)
+        if task.state == TASK_PENDING:
+            self._failed.append(task.task_id)
+
+    def waiting_rounds(self, round_ids: set[int], now: dt.datetime) -> set[int]:
+        """Of ``round_ids``, the open synchronous rounds that still have a pending task and whose
+        deadline is ahead (their rule cannot close or fail them yet), as this transaction sees it."""
+        candidates = []
+        for round_id in round_ids:
+            round_ = self.get(Round, round_id)
+            run = self.run(round_.run_id) if round_ is not None else None
+            if round_ is None or round_.state != ROUND_OPEN or run is None or run.mode == "async":
+                continue
+            if round_.deadline is None or now < round_.deadline:
+                candidates.append(round_id)
+        return {  # one EXISTS each: it stops at the first pending task of the (round, state) index
+            round_id
+            for round_id in candidates
+            if self.session.scalar(
+                select(exists().where(Task.round_id == round_id, Task.state == TASK_PENDING))
+            )
+        }
 
     def store(self, done_at: dt.datetime) -> None:
         """Write the accepted deltas, their weights and their tasks' new state in a few statements
         for all (the unit of work would issue one per row); each ``row`` gets its id."""
+        self._set_state(self._failed, TASK_FAILED, done_at, only_pending=True)
         if not self._accepted:
             return
         blob_ids = write_blobs(
@@ -196,20 +244,22 @@ class _Intake:
         ]
         # Core, not the ORM's bulk insert: the rows are plain values here (its per-row bookkeeping
         # was a fifth of the results thread's time at ~1000 small deltas/s)
-        table = Delta.__table__
-        inserted = self.session.execute(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
-            values,
-        ).scalars()
+        inserted = insert_rows(self.session, Delta.__table__, values)  # type: ignore[arg-type]
         for (row, _, _), delta_id in zip(self._accepted, inserted, strict=True):
             row.id = delta_id
-        tasks = [row.task_id for row, _, _ in self._accepted if row.task_id is not None]
-        for i in range(0, len(tasks), 500):
+        self._set_state([row.task_id for row, _, _ in self._accepted], TASK_DONE, done_at)
+        for worker in self.seen.values():
+            worker.last_seen_at = done_at
+
+    def _set_state(
+        self, task_ids: list[str], state: str, done_at: dt.datetime, only_pending: bool = False
+    ) -> None:
+        for i in range(0, len(task_ids), 500):
+            query = update(Task).where(Task.task_id.in_(task_ids[i : i + 500]))
+            if only_pending:
+                query = query.where(Task.state == TASK_PENDING)
             self.session.execute(
-                update(Task)
-                .where(Task.task_id.in_(tasks[i : i + 500]))
-                .values(state=TASK_DONE, done_at=done_at)
-                .execution_options(synchronize_session=False)
+                query.values(state=state, done_at=done_at).execution_options(synchronize_session=False)
             )
 
 
@@ -439,12 +489,21 @@ class RoundEngine:
                     # Announced once this transaction holds SQLite's write lock, before the commit,
                     # so a round closed right after it waits for the feed (coordinator.running).
                     feed.enter_context(self.running.feeding())
+                    first = len(outcomes)
                     for report, user_id in rest:
                         source = sources[len(outcomes)] if sources is not None else None
                         outcomes.append(self._record_one(intake, report, user_id, source))
                         if intake.full_buffer is not None:
                             break
-                    intake.store(self.clock())
+                    now = self.clock()
+                    intake.store(now)
+                    touched = {o.round_id for o in outcomes[first:] if o.round_id is not None}
+                    waiting = intake.waiting_rounds(touched, now)
+                    if waiting:
+                        outcomes[first:] = [
+                            dataclasses.replace(o, round_waits=True) if o.round_id in waiting else o
+                            for o in outcomes[first:]
+                        ]
                 self._feed_running(intake)
             if intake.full_buffer is not None:
                 self.advance(intake.full_buffer)
@@ -455,7 +514,7 @@ class RoundEngine:
         committed = [
             CommittedDelta(row.round_id, row.id, arrays, weight, staleness)
             for row, arrays, weight, staleness in intake.decoded
-            if row.round_id is not None
+            if row.id is not None  # set when the rows were stored
         ]
         try:
             self.running.feed(committed, self._start_running)
@@ -509,10 +568,10 @@ class RoundEngine:
             norm = validate_delta(delta, base_weights, report.sample_count, self._policy(run))
         except DeltaRejectedError as exc:
             if self._store_rejected(intake, report, task, exc.reason, user_id) and task is not None:
-                intake.answered.add(task.task_id)
+                intake.fail_task(task)
             logger.warning("delta for task %s rejected: %s", report.task_id, exc.reason)
             return DeltaOutcome("rejected", exc.reason, task.round_id if task else None)
-        row = Delta(
+        row = _Accepted(
             task_id=task.task_id,
             round_id=round_.id,
             worker_id=worker.id,
@@ -520,12 +579,11 @@ class RoundEngine:
             base_version_id=self._task_base_id(intake, task),
             sample_count=report.sample_count,
             norm=norm,
-            status=DELTA_ACCEPTED,
             metrics={**report.metrics, "staleness": staleness},
         )
         intake.accept(row, report.payload, source)  # its task is marked done with it
         intake.decoded.append((row, delta, report.sample_count * staleness_weight(staleness), staleness))
-        worker.last_seen_at = self.clock()
+        intake.seen[worker.id] = worker  # last seen: when the transaction stores
         if run is not None and run.mode == "async" and intake.count_in_buffer(round_) >= round_.quorum:
             intake.full_buffer = round_.id
         return DeltaOutcome("accepted", round_id=round_.id)
@@ -539,19 +597,21 @@ class RoundEngine:
         return DeltaPolicy(max_norm=max_norm, max_sample_count=max_samples)
 
     @staticmethod
-    def _run_of(intake: _Intake, task: Task | None) -> Run | None:
+    def _run_of(intake: _Intake, task: _TaskRow | None) -> Run | None:
         if task is None:
             return None
         round_ = intake.get(Round, task.round_id)
         return intake.run(round_.run_id) if round_ is not None else None
 
     @staticmethod
-    def _task_base_id(intake: _Intake, task: Task) -> int:
+    def _task_base_id(intake: _Intake, task: _TaskRow) -> int:
         round_ = intake.get(Round, task.round_id)
         assert round_ is not None
         return round_.base_version_id
 
-    def _check_worker(self, intake: _Intake, report: DeltaReport, task: Task, user_id: str | None) -> Worker:
+    def _check_worker(
+        self, intake: _Intake, report: DeltaReport, task: _TaskRow, user_id: str | None
+    ) -> Worker:
         worker = intake.get(Worker, task.worker_id) if task.worker_id is not None else None
         if worker is None or worker.status != "active":
             raise DeltaRejectedError(f"task {report.task_id} has no active worker")
@@ -562,7 +622,7 @@ class RoundEngine:
         return worker
 
     def _check_async_report(
-        self, intake: _Intake, report: DeltaReport, task: Task, run: Run, user_id: str | None
+        self, intake: _Intake, report: DeltaReport, task: _TaskRow, run: Run, user_id: str | None
     ) -> tuple[Round, Worker, int]:
         """An async delta counts in the run's open buffer if it is at most ``max_staleness`` behind."""
         worker = self._check_worker(intake, report, task, user_id)
@@ -586,7 +646,7 @@ class RoundEngine:
         return current, worker, staleness
 
     def _check_report(
-        self, intake: _Intake, report: DeltaReport, task: Task | None, user_id: str | None
+        self, intake: _Intake, report: DeltaReport, task: _TaskRow | None, user_id: str | None
     ) -> tuple[Round, Worker]:
         if task is None:
             raise DeltaRejectedError(f"unknown task {report.task_id!r}")
@@ -605,7 +665,7 @@ class RoundEngine:
         return round_, worker
 
     def _store_rejected(
-        self, intake: _Intake, report: DeltaReport, task: Task | None, reason: str, user_id: str | None
+        self, intake: _Intake, report: DeltaReport, task: _TaskRow | None, reason: str, user_id: str | None
     ) -> bool:
         """Record a rejected delta; True when the row answers its task (its own worker sent it)."""
         # A task keeps at most one delta row, so a rejected delta answers its task only when the task's
@@ -624,9 +684,7 @@ class RoundEngine:
                 rejection_reason=reason[:2000],
             )
         )
-        if own and task is not None and task.state == TASK_PENDING:
-            task.state, task.done_at = TASK_FAILED, self.clock()
-        return own
+        return own  # its task, if pending, fails with it (_Intake.fail_task)
 
     def record_failure(self, msg: TaskFailed, user_id: str | None) -> bool:
         """A worker could not do its task: the task counts as answered (without a delta)."""

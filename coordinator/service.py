@@ -167,7 +167,10 @@ class Coordinator:
         )
         if any(outcome.status == "accepted" for outcome in outcomes):
             fault_point("coordinator-after-delta-commit")
-        for round_id in dict.fromkeys(o.round_id for o in outcomes if o.round_id is not None):
+        # a round that was waiting for more answers when its deltas committed is left to the ticker
+        for round_id in dict.fromkeys(
+            o.round_id for o in outcomes if o.round_id is not None and not o.round_waits
+        ):
             if self.engine.advance(round_id) == "closed":
                 fault_point("coordinator-after-aggregation-commit")
 

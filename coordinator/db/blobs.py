@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from common.durable import DirectWriter, fsync_path
 from common.errors import NotFoundError, StorageError
+from coordinator.db.bulk import insert_rows
 from coordinator.db.models import Blob, BlobChunk, utcnow
 
 logger = logging.getLogger(__name__)
@@ -187,12 +188,8 @@ def write_blobs(
             row["file"] = row["file_offset"] = None
     if in_files and directory is not None:
         fsync_path(directory)
-    table = Blob.__table__  # Core: plain rows, none of the ORM bulk insert's bookkeeping
-    result = session.execute(
-        insert(table).returning(table.c.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
-        rows,
-    )
-    ids = list(result.scalars())
+    # Core: plain rows, none of the ORM bulk insert's bookkeeping
+    ids = insert_rows(session, Blob.__table__, rows)  # type: ignore[arg-type]
     small = [
         {"blob_id": i, "seq": 0, "data": bytes(v)}
         for i, v, row in zip(ids, views, rows, strict=True)

@@ -165,6 +165,9 @@ class RoundMachine(RuleBasedStateMachine):
             else:
                 assert outcome.status == ("accepted" if open_before[report.task_id] else "rejected"), outcome
             seen.add(report.task_id)
+        # The consumer leaves a round its deltas said waits to the ticker: advancing it must change nothing.
+        for round_id in {o.round_id for o in outcomes if o.round_waits and o.round_id is not None}:
+            assert self.engine.advance(round_id) is None, f"round {round_id} was said to wait"
 
     @rule(worker=st.sampled_from(WORKERS), junk=st.binary(max_size=64))
     def deliver_garbage(self, worker: str, junk: bytes) -> None:
