@@ -30,6 +30,7 @@ For arrays inside msgpack messages (``{dtype, shape, data: bin}``), :func:`array
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -377,12 +378,25 @@ def _parse_header(header: object, limits: CodecLimits) -> tuple[list[_ArraySpec]
     return specs, data_len
 
 
-def _check_canonical(buffer: memoryview, raw_header: memoryview, specs: list[_ArraySpec], start: int) -> None:
-    """One weight list, one frame: minimal msgpack, zero padding everywhere."""
+_CACHED_HEADER_MAX = 64 << 10  # headers kept by _validated_header at most (64 of them: 4 MiB)
+
+
+@functools.lru_cache(maxsize=64)
+def _validated_header(raw_header: bytes, limits: CodecLimits) -> tuple[tuple[_ArraySpec, ...], int]:
+    """The arrays and data size a header declares, checked against ``limits`` and for canonical
+    form. A pure function of the header's bytes: the deltas of one model share one header, so
+    each is checked once here instead of once per delta (a failed check is not cached)."""
+    specs, data_len = _parse_header(_unpack_header(memoryview(raw_header), limits), limits)
     entries = [[spec.dtype.str, list(spec.shape), spec.offset, spec.nbytes] for spec in specs]
-    data_len = specs[-1].offset + specs[-1].nbytes if specs else 0
     if msgpack.packb({"v": FORMAT_VERSION, "arrays": entries, "data": data_len}) != raw_header:
         _fail("header is not in canonical form (keys out of order or non-minimal msgpack)")
+    return tuple(specs), data_len
+
+
+def _check_padding(
+    buffer: memoryview, raw_header: memoryview, specs: Sequence[_ArraySpec], start: int
+) -> None:
+    """One weight list, one frame: zero padding everywhere."""
     gaps = [(PREFIX_SIZE + len(raw_header), start)]
     cursor = 0
     for spec in specs:
@@ -405,11 +419,12 @@ def decode_weights(
     buffer = _byte_view(data, "weight frame")
     header_len = _read_prefix(buffer, limits)
     raw_header = buffer[PREFIX_SIZE : PREFIX_SIZE + header_len]
-    specs, data_len = _parse_header(_unpack_header(raw_header, limits), limits)
+    check = _validated_header if header_len <= _CACHED_HEADER_MAX else _validated_header.__wrapped__
+    specs, data_len = check(bytes(raw_header), limits)
     start = _align(PREFIX_SIZE + header_len)
     if len(buffer) != start + data_len:
         _fail(f"frame is {len(buffer)} bytes, the header implies {start + data_len}")
-    _check_canonical(buffer, raw_header, specs, start)
+    _check_padding(buffer, raw_header, specs, start)
     return [_readonly_view(buffer, spec, start) for spec in specs]
 
 

@@ -164,8 +164,13 @@ def decode(body: bytes | bytearray | memoryview, expected: type[M] | None = None
     return cls(**values)  # type: ignore[return-value]
 
 
+_EXACT_TYPES = frozenset({str, int, bool, bytes})  # a value of exactly this type fits
+
+
 def _check(value: Any, hint: Any, where: str) -> None:
     """Raise DecodeError unless ``value`` fits the type ``hint`` (the subset messages use)."""
+    if type(value) is hint and hint in _EXACT_TYPES:
+        return  # most fields, asked first: a few microseconds per message at thousands per second
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         errors = []

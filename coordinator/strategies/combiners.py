@@ -68,10 +68,10 @@ def l2_norm(delta: Sequence[np.ndarray]) -> float:
     ``einsum`` rather than ``np.dot``: a BLAS call per small block costs more than the block's work.
     """
     squares = 0.0
-    scratch = np.empty(SCRATCH_COORDS, dtype=np.float64)
-    for array in delta:
-        if not is_averaged(array):
-            continue
+    averaged = [array for array in delta if is_averaged(array)]
+    # no larger than the delta: a small one (the common case at a high delta rate) allocates little
+    scratch = np.empty(min(SCRATCH_COORDS, max((a.size for a in averaged), default=1) or 1), dtype=np.float64)
+    for array in averaged:
         flat = np.ravel(array)
         for start in range(0, flat.size, scratch.size):
             work = scratch[: min(scratch.size, flat.size - start)]
@@ -134,6 +134,7 @@ class WeightedMean(Combiner):
             for avg, b in zip(self.averaged, base, strict=True)
         ]
         self._axpy = all(t.dtype == np.float32 for t in self._sums if t is not None)
+        self._coords = sum(t.size for t in self._sums if t is not None)
         self._scratch = np.empty(SCRATCH_COORDS, dtype=np.float64)
         self._weight = 0.0
         self._started = False  # the sums hold something (they are uninitialised before)
@@ -144,7 +145,7 @@ class WeightedMean(Combiner):
         if len(delta) != len(self._sums):
             raise ValueError(f"{len(delta)} arrays, the base has {len(self._sums)}")
         contribution = weight * scale
-        with _single_blas_thread():
+        with _single_blas_thread() if self._coords >= _BLAS_LIMIT_MIN_COORDS else contextlib.nullcontext():
             for total, array in zip(self._sums, delta, strict=True):
                 if total is None:
                     continue
@@ -167,6 +168,11 @@ class WeightedMean(Combiner):
 @functools.cache
 def _blas_threads() -> ThreadpoolController:
     return ThreadpoolController()
+
+
+_BLAS_LIMIT_MIN_COORDS = 1 << 16
+"""Deltas smaller than this are added without limiting BLAS's threads: their sums take a few
+microseconds, less than setting the thread count of each BLAS library twice (threadpoolctl)."""
 
 
 def _single_blas_thread() -> contextlib.AbstractContextManager[object]:

@@ -336,6 +336,28 @@ def test_decode_rejects_non_zero_padding_and_non_minimal_msgpack() -> None:
             decode_weights(hostile)
 
 
+def test_a_header_checked_once_still_has_every_frame_and_every_limit_checked() -> None:
+    # Prepare: the deltas of one model share a header, which is validated once (codec cache);
+    # the padding is each frame's own, and the limits are each caller's own.
+    weights = [np.ones(3, np.float32), np.ones(3, np.float32)]
+    frame = bytearray(encode_weights(weights))
+    for _ in range(3):
+        decode_weights(bytes(frame))  # the header is known now
+    data_start = len(frame) - 64 - 12
+    dirty = bytearray(frame)
+    dirty[data_start + 12 + 20] = 1  # the gap between the two arrays
+    other = bytearray(encode_weights([np.full(3, 2.0, np.float32), np.full(3, 5.0, np.float32)]))
+
+    # Execute / Assert
+    with pytest.raises(DecodeError, match="padding"):
+        decode_weights(bytes(dirty))
+    with pytest.raises(DecodeError, match="2 arrays exceed the limit of 1"):
+        decode_weights(bytes(frame), limits=CodecLimits(max_arrays=1))
+    with pytest.raises(DecodeError, match="frame is"):
+        decode_weights(bytes(frame) + b"\0" * 64)  # same header, more data than it declares
+    assert [a.tolist() for a in decode_weights(bytes(other))] == [[2.0] * 3, [5.0] * 3]
+
+
 def test_decode_applies_the_callers_tighter_limits() -> None:
     # Prepare
     frame = encode_weights([np.zeros((4, 4), np.float32)] * 3)
