@@ -28,10 +28,10 @@ import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import Table, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from common import codec
@@ -115,6 +115,7 @@ class _Accepted:
 
 
 _DELTA_COLUMNS = tuple(f for f in _Accepted.__dataclass_fields__ if f != "id")
+_DELTAS, _TASKS, _WORKERS = (cast(Table, entity.__table__) for entity in (Delta, Task, Worker))
 
 
 @dataclass
@@ -244,23 +245,22 @@ class _Intake:
         ]
         # Core, not the ORM's bulk insert: the rows are plain values here (its per-row bookkeeping
         # was a fifth of the results thread's time at ~1000 small deltas/s)
-        inserted = insert_rows(self.session, Delta.__table__, values)  # type: ignore[arg-type]
+        inserted = insert_rows(self.session, _DELTAS, values)
         for (row, _, _), delta_id in zip(self._accepted, inserted, strict=True):
             row.id = delta_id
         self._set_state([row.task_id for row, _, _ in self._accepted], TASK_DONE, done_at)
-        for worker in self.seen.values():
-            worker.last_seen_at = done_at
+        self.session.execute(  # Core statements here: the ORM's update machinery costs more per batch
+            update(_WORKERS).where(_WORKERS.c.id.in_(list(self.seen))).values(last_seen_at=done_at)
+        )
 
     def _set_state(
         self, task_ids: list[str], state: str, done_at: dt.datetime, only_pending: bool = False
     ) -> None:
         for i in range(0, len(task_ids), 500):
-            query = update(Task).where(Task.task_id.in_(task_ids[i : i + 500]))
+            query = update(_TASKS).where(_TASKS.c.task_id.in_(task_ids[i : i + 500]))
             if only_pending:
-                query = query.where(Task.state == TASK_PENDING)
-            self.session.execute(
-                query.values(state=state, done_at=done_at).execution_options(synchronize_session=False)
-            )
+                query = query.where(_TASKS.c.state == TASK_PENDING)
+            self.session.execute(query.values(state=state, done_at=done_at))
 
 
 class RoundEngine:

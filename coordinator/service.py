@@ -145,6 +145,7 @@ class Coordinator:
         errors: list[Exception | None] = [None] * len(deliveries)
         reports: list[tuple[DeltaReport, str | None]] = []
         sources: list[FileRegion | None] = []
+        wake = False  # whether the outbox may have rows to send now
         for i, delivery in enumerate(deliveries):
             try:
                 message: Message = decode(delivery.body)
@@ -152,17 +153,21 @@ class Coordinator:
                     reports.append((message, delivery.user_id))
                     sources.append(_payload_region(delivery, message))
                 else:
+                    wake = True
                     self._on_other_result(message, delivery.user_id)
             except Exception as exc:
                 errors[i] = exc
         if reports:
-            self._record_deltas(reports, sources)
-        self.relay.wake()
+            wake = self._record_deltas(reports, sources) or wake
+        if wake:
+            self.relay.wake()
         return errors
 
     def _record_deltas(
         self, reports: list[tuple[DeltaReport, str | None]], sources: list[FileRegion | None]
-    ) -> None:
+    ) -> bool:
+        """Record a batch's deltas and advance their rounds; False when no round was advanced
+        (each was waiting for more answers), so nothing was written for the outbox relay."""
         outcomes = self.engine.record_deltas(reports, sources)
         for (report, _), outcome in zip(reports, outcomes, strict=True):
             logger.debug("delta for task %s: %s %s", report.task_id, outcome.status, outcome.reason)
@@ -173,11 +178,13 @@ class Coordinator:
         if any(outcome.status == "accepted" for outcome in outcomes):
             fault_point("coordinator-after-delta-commit")
         # a round that was waiting for more answers when its deltas committed is left to the ticker
-        for round_id in dict.fromkeys(
-            o.round_id for o in outcomes if o.round_id is not None and not o.round_waits
-        ):
+        advanced = list(
+            dict.fromkeys(o.round_id for o in outcomes if o.round_id is not None and not o.round_waits)
+        )
+        for round_id in advanced:
             if self.engine.advance(round_id) == "closed":
                 fault_point("coordinator-after-aggregation-commit")
+        return bool(advanced) or any(o.round_id is None for o in outcomes)
 
     def _on_other_result(self, message: Message, user_id: str | None) -> None:
         if isinstance(message, TaskFailed):

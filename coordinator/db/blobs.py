@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import delete, event, insert, select
+from sqlalchemy import URL, delete, event, insert, select
 from sqlalchemy.orm import Session
 
 from common.durable import DirectWriter, fsync_path
@@ -76,18 +76,17 @@ class FileRegion:
 
 def blob_dir(session: Session) -> Path | None:
     """The blob directory of the session's database, or None where every blob stays in SQL."""
-    url = session.get_bind().engine.url
+    return _blob_dir_of(session.get_bind().engine.url, os.getcwd())  # a relative path: per directory
+
+
+@lru_cache(maxsize=16)
+def _blob_dir_of(url: URL, cwd: str) -> Path | None:
     database = url.database
     if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return None
     if database.startswith("file:") or url.query.get("mode") == "memory":
         return None
-    return _blob_dir_of(str(Path(database).resolve()))
-
-
-@lru_cache(maxsize=16)
-def _blob_dir_of(database: str) -> Path:
-    directory = Path(database + BLOB_DIR_SUFFIX)
+    directory = Path(str((Path(cwd) / database).resolve()) + BLOB_DIR_SUFFIX)
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
         fsync_path(directory.parent)
