@@ -184,7 +184,7 @@ class Coordinator:
         for round_id in advanced:
             if self.engine.advance(round_id) == "closed":
                 fault_point("coordinator-after-aggregation-commit")
-        return bool(advanced) or any(o.round_id is None for o in outcomes)
+        return bool(advanced)
 
     def _on_other_result(self, message: Message, user_id: str | None) -> None:
         if isinstance(message, TaskFailed):
