@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOWER_APP = Path(__file__).resolve().parent / "flower_app"
 FLOWER_VENV = ROOT / ".venv-flwr"
 FLOWER_REQUIREMENT = "flwr>=1.42,<1.43"
+BENCH_PACKAGES = ("numpy", "scipy")  # what the Flower app's training imports, as fedmq's does
 TINY_TARGET = 0.1
 LARGE_TARGET = 0.25
 TINY_SHAPE = (32, 10)
@@ -169,11 +170,15 @@ def ensure_flower_venv(progress: Progress) -> Path:
     """The bench venv with ``flwr`` (created on first use); returns its ``bin`` directory."""
     bin_dir = FLOWER_VENV / "bin"
     if (bin_dir / "flwr").exists() and (bin_dir / "flower-superlink").exists():
+        if not list(FLOWER_VENV.glob("lib/python*/site-packages/scipy")):
+            # a venv made before the apps' training used scipy's BLAS: both sides must run the same
+            progress(f"Flower: installing scipy into {FLOWER_VENV}")
+            subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", *BENCH_PACKAGES], check=True)
         return bin_dir
     progress(f"Flower: creating {FLOWER_VENV} and installing {FLOWER_REQUIREMENT} (about a minute)")
     subprocess.run([sys.executable, "-m", "venv", str(FLOWER_VENV)], check=True)
     pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q"]
-    if subprocess.run([*pip, FLOWER_REQUIREMENT, "numpy"]).returncode != 0:
+    if subprocess.run([*pip, FLOWER_REQUIREMENT, *BENCH_PACKAGES]).returncode != 0:
         # flwr 1.42.0 pins a certifi newer than some package mirrors hold: install its declared
         # dependencies with that one pin relaxed, then flwr itself without dependency resolution.
         progress("Flower: retrying with flwr's certifi pin relaxed")
@@ -194,7 +199,7 @@ def ensure_flower_venv(progress: Progress) -> Path:
             )
             (wheel,) = Path(tmp).glob("flwr-*.whl")
             requires = _wheel_requirements(wheel)
-            subprocess.run([*pip, *requires, "numpy"], check=True)
+            subprocess.run([*pip, *requires, *BENCH_PACKAGES], check=True)
             subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
     return bin_dir
 

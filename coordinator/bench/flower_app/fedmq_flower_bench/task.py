@@ -1,12 +1,18 @@
 """The model and the training both sides of the benchmark share: softmax regression, one SGD epoch.
 
-The same maths as fedmq's ``common.model.numpy_model`` (init, mini-batch SGD on cross-entropy),
-copied here because the Flower app runs in its own venv without fedmq installed.
+The same maths as fedmq's ``common.model.numpy_model`` (init, mini-batch SGD on cross-entropy,
+the weights updated in place by BLAS ``sgemm`` where scipy is there), copied here because the
+Flower app runs in its own venv without fedmq installed (the bench installs scipy there too).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+try:
+    from scipy.linalg.blas import sgemm
+except ImportError:  # numpy alone: one temporary the size of the weights
+    sgemm = None
 
 
 def init_weights(n_in: int, n_out: int, seed: int = 0) -> list[np.ndarray]:
@@ -31,6 +37,12 @@ def sgd_epoch(
         probs = np.exp(logits)
         probs /= probs.sum(axis=1, keepdims=True)
         probs[np.arange(len(yb)), yb] -= 1.0
-        w -= lr * (xb.T @ probs) / len(xb)
         b -= lr * probs.mean(axis=0)
+        step = lr / len(xb)
+        if sgemm is not None and w.dtype == probs.dtype == np.float32 and w.flags.c_contiguous:
+            out = sgemm(-step, probs, xb, beta=1.0, c=w.T, trans_a=1, overwrite_c=1)
+            if not np.shares_memory(out, w):
+                w[...] = out.T
+        else:
+            w -= xb.T @ (probs * step)
     return [w, b]
