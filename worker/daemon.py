@@ -53,6 +53,9 @@ from worker.models import ModelStore
 
 logger = logging.getLogger(__name__)
 
+# Bytes of releases in flight kept in memory as they arrive; a larger one is read back from its file.
+RELEASE_MEMORY_BUDGET = 1024 * 1024 * 1024
+
 
 def prepare_devices() -> None:
     """Before any model code runs: if a model loads TensorFlow, it grows GPU memory as needed
@@ -219,13 +222,16 @@ class WorkerDaemon:
     def run(self, stop: threading.Event) -> None:
         consumers = [
             # A release is verified (signature, sha256) whenever it is used, from here or from the
-            # cache, and the coordinator sends it again on request: its chunks need no fsync.
+            # cache, and the coordinator sends it again on request: its chunks need no fsync. It is
+            # kept in memory as it arrives (decoded from there, its file written past the page
+            # cache and linked into the model cache: common/broker/chunks.py).
             self.broker.consumer(
                 worker_release_queue(self.config.name),
                 self.on_release,
                 prefetch=4,
                 max_batch=4,
                 durable_chunks=False,
+                memory_budget=RELEASE_MEMORY_BUDGET,
             ),
             self.broker.consumer(worker_task_queue(self.config.name), self.on_task, prefetch=1),
         ]

@@ -62,8 +62,9 @@ class Broker(ABC):
         lose such a transfer, a process crash never does.
 
         ``memory_budget``: bytes of chunked bodies in flight that are also kept in memory, so the
-        handler gets them without reading their file back from the disk (see
-        :class:`common.broker.chunks.Reassembler`); 0 keeps memory at one chunk per message."""
+        handler gets them without reading their file back from the disk, which is then written
+        past the page cache even without fsync (see :class:`common.broker.chunks.Reassembler`); 0
+        keeps memory at one chunk per message."""
 
     @abstractmethod
     def close(self) -> None:

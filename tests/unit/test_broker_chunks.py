@@ -350,6 +350,22 @@ def test_a_directly_written_transfer_is_also_kept_in_memory_within_the_budget(tm
     assert again.data == bodies[2]  # finished transfers gave their memory back
 
 
+def test_a_reassembler_that_need_not_sync_but_keeps_bodies_in_memory_writes_past_the_page_cache(
+    tmp_path, monkeypatch
+):
+    # a worker's releases: no fsync, the body decoded from memory, the file linked into a cache
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    body = os.urandom(3 * ALIGNED + 100)
+    reassembler = Reassembler(tmp_path, fsync=False, memory_budget=1 << 30)
+
+    (completed,) = _feed(reassembler, _chunks(body, ALIGNED))
+
+    assert completed.data == body and completed.path.read_bytes() == body
+    assert reassembler.direct and reassembler.direct_bytes == 3 * ALIGNED
+    assert synced == []
+
+
 def test_a_transfer_resumed_after_a_restart_is_read_back_from_its_file(tmp_path):
     body = os.urandom(4 * ALIGNED)
     chunks = _chunks(body, ALIGNED)
