@@ -173,7 +173,9 @@ def ensure_flower_venv(progress: Progress) -> Path:
         if not list(FLOWER_VENV.glob("lib/python*/site-packages/scipy")):
             # a venv made before the apps' training used scipy's BLAS: both sides must run the same
             progress(f"Flower: installing scipy into {FLOWER_VENV}")
-            subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", *BENCH_PACKAGES], check=True)
+            subprocess.run(
+                [str(bin_dir / "python"), "-m", "pip", "install", "-q", *BENCH_PACKAGES], check=True
+            )
         return bin_dir
     progress(f"Flower: creating {FLOWER_VENV} and installing {FLOWER_REQUIREMENT} (about a minute)")
     subprocess.run([sys.executable, "-m", "venv", str(FLOWER_VENV)], check=True)
