@@ -1,7 +1,9 @@
 """Making what is on disk durable: fsync helpers, and writes that bypass the page cache.
 
 :class:`DirectWriter` writes the whole 4 KiB blocks of what it is given with ``O_DIRECT``, copied
-into one reused page-aligned buffer, and only a tail under a block through the page cache. Data
+into one reused page-aligned buffer (or straight from the caller's memory when that starts on a
+block boundary, as an :func:`aligned_buffer` does), and only a tail under a block through the page
+cache. Data
 that must be on the disk before anything goes on (a chunk before its ack, a blob before its
 commit) is then written once, to the disk, instead of into fresh page-cache pages that the kernel
 writes back later: 100 MB took about 0.07 s here, against 0.1-0.35 s of kernel time through the
@@ -19,6 +21,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 BLOCK = 4096  # O_DIRECT: offsets, lengths and buffer addresses in whole blocks (<= 4 KiB)
@@ -33,6 +37,20 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """``size`` writable bytes starting on a block boundary, uninitialised: :class:`DirectWriter`
+    writes whole blocks from it without copying them. From the heap (numpy), so a daemon reuses
+    memory it freed (``common.memory``) instead of faulting in fresh pages, as ``mmap`` would."""
+    raw = np.empty(size + BLOCK, dtype=np.uint8)
+    pad = -raw.ctypes.data % BLOCK
+    return raw[pad : pad + size].data  # a memoryview, format 'B'
+
+
+def is_block_aligned(view: memoryview) -> bool:
+    """Whether ``view`` (bytes) starts on a block boundary in memory."""
+    return len(view) > 0 and np.frombuffer(view, dtype=np.uint8).ctypes.data % BLOCK == 0
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -78,13 +96,18 @@ class DirectWriter:
         kept = True
         if whole:
             written = 0
-            buffer = self._aligned(min(whole, _BUFFER))
+            in_place = is_block_aligned(view)  # e.g. an aligned_buffer(): written from where it is
+            buffer = view if in_place else self._aligned(min(whole, _BUFFER))
             with memoryview(buffer) as aligned:
                 while written < whole:
-                    size = min(whole - written, len(aligned))
-                    aligned[:size] = view[written : written + size]
+                    size = min(whole - written, _BUFFER if in_place else len(aligned))
+                    if in_place:
+                        source = aligned[written : written + size]
+                    else:
+                        source = aligned[:size]
+                        source[:] = view[written : written + size]
                     try:
-                        done = os.pwritev(direct_fd, [aligned[:size]], offset + written)
+                        done = os.pwritev(direct_fd, [source], offset + written)
                     except OSError as exc:
                         if exc.errno != errno.EINVAL:
                             raise

@@ -94,7 +94,7 @@ class ModelStore:
 
     def add(
         self,
-        body: bytes | bytearray,
+        body: bytes | bytearray | memoryview,
         *,
         explicit: bool = False,
         source: Path | None = None,

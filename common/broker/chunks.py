@@ -61,7 +61,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.durable import BLOCK, DirectWriter, close_fd, fsync_path, pwrite_all
+from common.durable import BLOCK, DirectWriter, aligned_buffer, close_fd, fsync_path, pwrite_all
 from common.errors import TransferError
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class CompletedTransfer:
     transfer_id: str
     path: Path
     size: int
-    data: bytearray | None = None
+    data: memoryview | None = None
     tail_offset: int = 0
     tail_sha256: str = ""
 
@@ -312,7 +312,7 @@ class _Open:
     fd: int
     running: _RunningHash | None  # None: chunks came before a restart, the body is read back
     direct_fd: int = -1  # the same file opened with O_DIRECT, or -1
-    memory: bytearray | None = None  # the body as it arrives (within Reassembler.memory_budget)
+    memory: memoryview | None = None  # the body as it arrives (within Reassembler.memory_budget)
 
 
 def _new_head_hash(header: ChunkHeader) -> Any:
@@ -453,6 +453,9 @@ class Reassembler:
         written with O_DIRECT, then every chunk in the background thread, in order (a running
         digest must see its chunks in turn). :meth:`_drain` waits for them."""
 
+        if entry.memory is not None:  # block-aligned: written to the disk from there, uncopied
+            data = entry.memory[header.offset : header.offset + len(data)]
+
         def store() -> None:
             self._write(entry, header, data)
             if running is not None:
@@ -529,7 +532,7 @@ class Reassembler:
             and running is not None  # a new transfer: one resumed after a restart is read back
             and self._memory_used + header.total_size <= self.memory_budget
         ):
-            entry.memory = bytearray(header.total_size)
+            entry.memory = aligned_buffer(header.total_size)
             self._memory_used += header.total_size
         self._open[header.transfer_id] = entry
         while len(self._open) > _MAX_OPEN:  # many transfers at once: close the oldest, kept on disk

@@ -77,7 +77,7 @@ class Delivery:
     user_id: str | None = None
     type: str | None = None
     content_type: str | None = None
-    data: bytes | bytearray | None = None
+    data: bytes | bytearray | memoryview | None = None
     path: Path | None = None
     tail_offset: int = 0
     tail_sha256: str | None = None
@@ -89,7 +89,7 @@ class Delivery:
         return (self.tail_offset, self.tail_sha256) if self.tail_sha256 else None
 
     @property
-    def body(self) -> bytes | bytearray:
+    def body(self) -> bytes | bytearray | memoryview:
         """The whole body in memory (reads the reassembled file when it is not in memory)."""
         if self.data is not None:
             return self.data

@@ -36,6 +36,35 @@ def test_a_large_file_is_written_through_the_reused_buffer_in_pieces(tmp_path):
     assert (tmp_path / "blob").read_bytes() == body and writer.direct_bytes == len(body) - 5
 
 
+@pytest.mark.parametrize("start", [0, 1], ids=["block-aligned", "one byte off"])
+def test_memory_that_starts_on_a_block_is_written_from_where_it_is(tmp_path, monkeypatch, start):
+    memory = durable.aligned_buffer(9 * 1024 * 1024 + 5 + start)
+    memory[:] = os.urandom(len(memory))
+    view = memory[start:]
+    written_from: list[int] = []
+    real = os.pwritev
+
+    def spy(fd, buffers, offset):
+        written_from.extend(durable.is_block_aligned(memoryview(b)) for b in buffers)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", spy)
+    writer = DirectWriter()
+    path = tmp_path / "blob"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    direct_fd = writer.open(path)
+
+    assert writer.pwrite(direct_fd, fd, view, 0)
+
+    os.close(direct_fd)
+    os.close(fd)
+    assert path.read_bytes() == bytes(view)
+    assert writer.direct_bytes == len(view) - len(view) % BLOCK
+    # aligned memory goes to the disk uncopied; other memory through the writer's own buffer
+    assert (writer._buffer is None) == (start == 0)
+    assert written_from and all(written_from)
+
+
 def test_an_existing_file_is_never_overwritten(tmp_path):
     (tmp_path / "blob").write_bytes(b"kept")
 
