@@ -3,10 +3,9 @@
 :class:`DirectWriter` writes the whole 4 KiB blocks of what it is given with ``O_DIRECT``, copied
 into one reused page-aligned buffer (or straight from the caller's memory when that starts on a
 block boundary, as an :func:`aligned_buffer` does), and only a tail under a block through the page
-cache. Data
-that must be on the disk before anything goes on (a chunk before its ack, a blob before its
-commit) is then written once, to the disk, instead of into fresh page-cache pages that the kernel
-writes back later: 100 MB took about 0.07 s here, against 0.1-0.35 s of kernel time through the
+cache. Data that must be on the disk before anything goes on (a chunk before its ack, a blob before
+its commit) is then written once, to the disk, instead of into fresh page-cache pages that the
+kernel writes back later: 100 MB took about 0.07 s here, against 0.1-0.35 s of kernel time through the
 page cache. The caller still fsyncs (the file's size and blocks, the device's cache). A file system
 that refuses ``O_DIRECT`` (tmpfs on older kernels, some FUSE mounts) turns it off for good, and
 everything goes through the page cache.

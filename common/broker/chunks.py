@@ -32,8 +32,9 @@ from the disk (100 MB: 0.09 s of the consumer's time here); a transfer over the 
 after a restart, is read back from its file. A reassembler with a ``memory_budget`` writes with
 ``O_DIRECT`` even when it does not sync: its files are then read only after a restart (or linked
 elsewhere, as a worker caches a release), and filling the page cache with them cost more kernel
-time than the write to the disk (100 MB: ~0.3 s of system time with fresh pages, ~0.01 s direct). Where the file system refuses ``O_DIRECT`` (tmpfs on
-older kernels, some FUSE mounts) the reassembler writes through the page cache. When the
+time than the write to the disk (100 MB: ~0.3 s of system time with fresh pages, ~0.01 s direct).
+Where the file system refuses ``O_DIRECT`` (tmpfs on older kernels, some FUSE mounts) the
+reassembler writes through the page cache. When the
 last chunk arrives the sha256 is checked (hashed as the chunks arrived when they came in order,
 else read back) and a :class:`CompletedTransfer` returned; after the message is handled,
 :meth:`Reassembler.finish` deletes the files and remembers the id so late duplicates are ignored.
