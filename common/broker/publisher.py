@@ -14,13 +14,17 @@ each chunk's confirm before sending the next made a 100 MB body 25 round trips a
 pika's underlying channel object).
 
 Every message carries ``user_id`` = the connection's user, which RabbitMQ validates, so receivers can
-trust it. A publisher owns one connection and is used by one thread at a time.
+trust it. A publisher owns one connection and is used by one thread at a time; between publishes,
+a process-wide keeper thread lets the idle connection exchange its heartbeats
+(:meth:`Publisher.keep_alive`), so the broker does not drop it between rounds.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +42,38 @@ from common.faults import armed, fault_point
 logger = logging.getLogger(__name__)
 
 CHUNK_WINDOW = 8  # chunks of one body in flight (unconfirmed) at once: 32 MiB at the default size
+KEEPER_TICK_S = 1.0  # how often the keeper looks at idle publishers (heartbeats of 4 s and more)
+
+
+class _Keeper:
+    """One daemon thread per process that lets idle publishers' connections exchange heartbeats
+    (:meth:`Publisher.keep_alive`); started with the first publisher, it holds them weakly."""
+
+    def __init__(self) -> None:
+        self._publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, publisher: Publisher) -> None:
+        with self._lock:
+            self._publishers.add(publisher)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fedmq-publisher-keeper", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(KEEPER_TICK_S)
+            with self._lock:
+                publishers = list(self._publishers)
+            for publisher in publishers:
+                try:
+                    publisher.keep_alive()
+                except Exception:  # never let one publisher stop the others' heartbeats
+                    logger.exception("keeping %s's connection alive failed", publisher.name)
+
+
+_KEEPER = _Keeper()
 
 
 def message_properties(message: OutgoingMessage, user_id: str | None, headers: dict[str, Any]) -> Any:
@@ -70,18 +106,50 @@ class Publisher:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._chunks: _WindowedChannel | None = None
+        self._last_used = 0.0  # time.monotonic() of the connection's last use
+        # publish() and close() hold it; the keeper (below) only takes it when nothing else does
+        self._lock = threading.RLock()
+        _KEEPER.add(self)
 
     def _ensure_channel(self) -> BlockingChannel:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         close_quietly(self._connection)
-        self._chunks = None
+        self._channel = self._chunks = None
         self._connection = connect(self.config, self.name)
         with translating_pika_errors():
             channel = self._connection.channel()
             channel.confirm_delivery()
         self._channel = channel
+        self._last_used = time.monotonic()
         return channel
+
+    def keep_alive(self) -> None:
+        """Let an idle connection exchange its heartbeats (the keeper calls this about every second).
+
+        A BlockingConnection sends and checks heartbeats only while it is used: a publisher left
+        idle between rounds longer than the heartbeat timeout had its connection dropped by the
+        broker, and its next publish found it reset (pika logging errors, a warning and a
+        reconnect here). Does nothing while a publish or close holds the publisher.
+        """
+        heartbeat = self.config.heartbeat_s
+        if heartbeat <= 0 or not self._lock.acquire(blocking=False):
+            return
+        try:
+            connection = self._connection
+            if connection is None or not connection.is_open:
+                return
+            if time.monotonic() - self._last_used < heartbeat / 4:
+                return
+            try:
+                with translating_pika_errors():
+                    connection.process_data_events(time_limit=0)
+                self._last_used = time.monotonic()
+            except Exception as exc:  # lost meanwhile: the next publish opens a new connection
+                logger.info("%s: idle connection lost (%s); reopened on the next publish", self.name, exc)
+                self._channel = self._chunks = None
+        finally:
+            self._lock.release()
 
     def _publish_one(
         self, message: OutgoingMessage, body: bytes | bytearray | memoryview, headers: dict[str, Any]
@@ -108,6 +176,7 @@ class Publisher:
             try:
                 with translating_pika_errors():
                     send()
+                self._last_used = time.monotonic()
                 return
             except BrokerUnreachableError as exc:
                 self._channel = self._chunks = None
@@ -138,6 +207,10 @@ class Publisher:
 
     def publish(self, message: OutgoingMessage) -> None:
         """Publish ``message`` (as chunks when larger than the chunk size); return once confirmed."""
+        with self._lock:
+            self._publish(message)
+
+    def _publish(self, message: OutgoingMessage) -> None:
         headers = dict(message.headers)
         if len(message.body) <= self.config.chunk_size:
             self._publish_one(message, message.body, headers)
@@ -155,10 +228,11 @@ class Publisher:
         logger.debug("%s: sent %d bytes as chunks to %s", self.name, len(message.body), message.routing_key)
 
     def close(self) -> None:
-        close_quietly(self._connection)
-        self._connection = None
-        self._channel = None
-        self._chunks = None
+        with self._lock:
+            close_quietly(self._connection)
+            self._connection = None
+            self._channel = None
+            self._chunks = None
 
     def __enter__(self) -> Publisher:
         return self

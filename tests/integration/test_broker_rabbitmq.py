@@ -419,6 +419,32 @@ def test_the_publisher_reconnects_after_losing_its_connection(broker, config, qu
     assert received == [b"before", b"after"]
 
 
+def test_a_publisher_left_idle_past_its_heartbeat_publishes_again_without_errors(config, queue, caplog):
+    # A worker's delta publisher sits unused between rounds, longer than the heartbeat timeout
+    # (2 s here; the broker drops a silent connection after about that long).
+    quick = BrokerConfig(**{**vars(config), "heartbeat_s": 2})
+    received: list[bytes] = []
+    publisher = Publisher(quick, name="idle-publisher")
+    try:
+        publisher.publish(OutgoingMessage(f"{queue}.ex", "key", b"round 1"))
+        time.sleep(6)
+        with caplog.at_level(logging.INFO):
+            publisher.publish(OutgoingMessage(f"{queue}.ex", "key", b"round 2"))
+    finally:
+        publisher.close()
+    consumer = _consume(config, queue, lambda d: received.append(d.body))
+    try:
+        _wait_for(lambda: len(received) == 2, "both messages")
+    finally:
+        consumer.stop()
+
+    assert received == [b"round 1", b"round 2"]
+    noise = [
+        f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING
+    ]
+    assert noise == []
+
+
 def test_a_tls_connection_verifies_the_broker_and_presents_a_client_certificate(config, queue, rabbitmq):
     tls_config = BrokerConfig(
         **{
