@@ -89,6 +89,17 @@ def _consume(config: BrokerConfig, queue: str, handler: Callable[[Delivery], Non
     return consumer
 
 
+def _receive(config: BrokerConfig, queue: str, count: int) -> list[bytes]:
+    """The bodies of the first ``count`` messages consumed from ``queue``."""
+    received: list[bytes] = []
+    consumer = _consume(config, queue, lambda d: received.append(bytes(d.body)))
+    try:
+        _wait_for(lambda: len(received) >= count, f"{count} messages")
+    finally:
+        consumer.stop()
+    return received
+
+
 def _queue_depths(rabbitmq) -> dict[str, int]:
     rows = rabbitmq.ctl("list_queues", "--no-table-headers", "name", "messages").splitlines()
     return {name: int(count) for name, count in (row.split("\t") for row in rows if "\t" in row)}
@@ -405,25 +416,18 @@ def test_a_consumer_restarted_mid_transfer_resumes_it(broker, config, queue):
 
 
 def test_the_publisher_reconnects_after_losing_its_connection(broker, config, queue, rabbitmq):
-    received: list[bytes] = []
     _send(broker, queue, b"before")
     rabbitmq.ctl("close_all_connections", "test: broker restarted")
 
     _send(broker, queue, b"after")
-    consumer = _consume(config, queue, lambda d: received.append(d.body))
-    try:
-        _wait_for(lambda: len(received) == 2, "both messages")
-    finally:
-        consumer.stop()
 
-    assert received == [b"before", b"after"]
+    assert _receive(config, queue, 2) == [b"before", b"after"]
 
 
 def test_a_publisher_left_idle_past_its_heartbeat_publishes_again_without_errors(config, queue, caplog):
     # A worker's delta publisher sits unused between rounds, longer than the heartbeat timeout
     # (2 s here; the broker drops a silent connection after about that long).
     quick = BrokerConfig(**{**vars(config), "heartbeat_s": 2})
-    received: list[bytes] = []
     publisher = Publisher(quick, name="idle-publisher")
     try:
         publisher.publish(OutgoingMessage(f"{queue}.ex", "key", b"round 1"))
@@ -432,13 +436,8 @@ def test_a_publisher_left_idle_past_its_heartbeat_publishes_again_without_errors
             publisher.publish(OutgoingMessage(f"{queue}.ex", "key", b"round 2"))
     finally:
         publisher.close()
-    consumer = _consume(config, queue, lambda d: received.append(d.body))
-    try:
-        _wait_for(lambda: len(received) == 2, "both messages")
-    finally:
-        consumer.stop()
 
-    assert received == [b"round 1", b"round 2"]
+    assert _receive(config, queue, 2) == [b"round 1", b"round 2"]
     noise = [
         f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING
     ]
